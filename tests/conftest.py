@@ -1,7 +1,21 @@
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+_skipped_parity: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and "test_reference.py" in report.nodeid:
+        _skipped_parity.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # In CI a skipped parity test means the fixtures were not found or not run: that is a failure.
+    if os.environ.get("CI") and _skipped_parity and session.exitstatus == 0:
+        session.exitstatus = 1
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -10,3 +24,5 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("reference parity (max abs error per fixture)")
         for line in SUMMARIES:
             terminalreporter.write_line(line)
+    if os.environ.get("CI") and _skipped_parity:
+        terminalreporter.write_line(f"FAILED: {len(_skipped_parity)} parity tests skipped in CI: {_skipped_parity[:3]}")

@@ -1,0 +1,109 @@
+"""SUPIR's control path: the GLVControl encoder, the ZeroSFT / ZeroCrossAttn connectors, and the
+ControlWrapper pairing it with the connector-equipped UNet (checkpoint prefix `model.`).
+
+SUPIR (Yu et al. 2024, sec. 3.2) trims a copy of the SDXL encoder into a control encoder fed with the
+low-quality latent, and injects its features into the UNet decoder through zero-initialised SFT layers
+(spatial feature transform: per-pixel scale and shift predicted from the control feature) and, at the
+upsampling blocks, cross-attention from the decoder features to the control features.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .unet import CrossAttention, GroupNorm, UNet, UNetConfig, UNetEncoder
+
+
+class ZeroSFT(nn.Module):
+    """Modulate `h` (a skip connection, or the middle block output) by control feature `c`.
+
+    With `concat_channels` the running decoder features `h_ori` are prepended first, so the output is the
+    already-concatenated input of the next output block. `control_scale` blends with the unmodulated input.
+    """
+
+    def __init__(self, label_nc: int, norm_nc: int, concat_channels: int = 0, nhidden: int = 128):
+        super().__init__()
+        self.param_free_norm = GroupNorm(norm_nc + concat_channels)  # affine, despite the (SPADE) name
+        self.mlp_shared = nn.Sequential(nn.Conv2d(label_nc, nhidden, 3, padding=1), nn.SiLU())
+        self.zero_mul = nn.Conv2d(nhidden, norm_nc + concat_channels, 3, padding=1)
+        self.zero_add = nn.Conv2d(nhidden, norm_nc + concat_channels, 3, padding=1)
+        self.zero_conv = nn.Conv2d(label_nc, norm_nc, 1)
+        self.concat = concat_channels > 0
+
+    def forward(self, c: torch.Tensor, h: torch.Tensor, h_ori: torch.Tensor | None = None,
+                control_scale: float = 1.0) -> torch.Tensor:
+        concat = self.concat and h_ori is not None
+        h_raw = torch.cat([h_ori, h], dim=1) if concat else h
+        h = h + self.zero_conv(c)
+        if concat:
+            h = torch.cat([h_ori, h], dim=1)
+        actv = self.mlp_shared(c)
+        h = self.param_free_norm(h) * (1 + self.zero_mul(actv)) + self.zero_add(actv)
+        return h * control_scale + h_raw * (1 - control_scale)
+
+
+class ZeroCrossAttn(nn.Module):
+    """Residual cross-attention from decoder features `x` (queries) to control feature `context`."""
+
+    def __init__(self, context_dim: int, query_dim: int):
+        super().__init__()
+        self.attn = CrossAttention(query_dim, context_dim, heads=query_dim // 64, dim_head=64)
+        self.norm1 = GroupNorm(query_dim)
+        self.norm2 = GroupNorm(context_dim)
+
+    def forward(self, context: torch.Tensor, x: torch.Tensor, control_scale: float = 1.0) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q = self.norm1(x).flatten(2).transpose(1, 2)
+        ctx = self.norm2(context).flatten(2).transpose(1, 2)
+        out = self.attn(q, ctx).transpose(1, 2).reshape(B, C, H, W)
+        return x + out * control_scale
+
+
+class GLVControl(UNetEncoder):
+    """The UNet encoder (embeddings, input blocks, middle block) plus a hint conv for the LQ latent.
+
+    Returns the output of every input block and of the middle block: one control feature per skip
+    connection of the UNet (plus one for the middle), each as wide as the UNet feature it steers.
+    """
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__(cfg)
+        self.input_hint_block = nn.Sequential(nn.Conv2d(cfg.in_channels, cfg.model_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, xt: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor) -> list[torch.Tensor]:
+        """`x`: the LQ latent (unscaled), `xt`: the UNet's (c_in-scaled) noisy input."""
+        xt, context, y = xt.to(x.dtype), context.to(x.dtype), y.to(x.dtype)
+        emb = self.embed(timesteps, y, x.dtype)
+        hint = self.input_hint_block(x)
+        hs, h = [], xt
+        for i, block in enumerate(self.input_blocks):
+            h = self.run(block, h, emb, context)
+            if i == 0:  # the LQ latent enters once, added to the first feature map
+                h = h + hint
+            hs.append(h)
+        hs.append(self.run(self.middle_block, h, emb, context))
+        return hs
+
+
+class ControlledUNet(nn.Module):
+    """sgm's ControlWrapper: GLVControl features steer the connector-equipped UNet; returns float32 eps."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.control_model = GLVControl(cfg)
+        self.diffusion_model = UNet(cfg, connectors=True)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.diffusion_model.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool):
+        self.control_model.gradient_checkpointing = self.diffusion_model.gradient_checkpointing = enabled
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
+                control_latent: torch.Tensor, control_scale: float = 1.0) -> torch.Tensor:
+        dtype = self.control_model.input_hint_block[0].weight.dtype  # the reference runs under autocast
+        control = self.control_model(control_latent.to(dtype), timesteps, x.to(dtype), context, y)
+        return self.diffusion_model(x, timesteps, context, y, control, control_scale).float()

@@ -1,0 +1,361 @@
+"""The SDXL UNet (sgm `UNetModel`), optionally with SUPIR's control connectors (`LightGLVUNet`).
+
+One config, one encoder builder shared with SUPIR's control encoder (control.py), one decoder loop that
+runs either the plain SDXL decoder or SUPIR's ZeroSFT / ZeroCrossAttn-modulated one. Attribute names
+mirror the checkpoint keys under `model.diffusion_model.` (e.g. `input_blocks.4.1.transformer_blocks.0.attn1.to_q`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos | sin] of (B,) timesteps, float32 (B, dim); sgm's exact op order.
+
+    Arguments reach ~2000 where one float32 ulp is ~1e-4, so the frequencies are formed exactly as the
+    reference does (-ln(P) * arange, then / half, then exp) to land on the same float32 values.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (4, 2)  # downsampling factors (1, 2, 4, ...) that get attention
+    transformer_depth: tuple[int, ...] = (1, 2, 10)  # per level; the middle block uses the last
+    num_head_channels: int = 64
+    context_dim: int = 2048
+    adm_in_channels: int = 2816
+
+    def __post_init__(self):
+        assert len(self.transformer_depth) == len(self.channel_mult), "one transformer depth per level"
+        assert all(self.model_channels * m % 32 == 0 for m in self.channel_mult), "GroupNorm(32) needs widths % 32 == 0"
+        attention_widths = [self.model_channels * m for lvl, m in enumerate(self.channel_mult) if 2 ** lvl in self.attention_resolutions]
+        assert all(w % self.num_head_channels == 0 for w in attention_widths + [self.widths[-1]]), "widths must split into heads"
+
+    @property
+    def widths(self) -> list[int]:
+        return [self.model_channels * m for m in self.channel_mult]
+
+    def has_attention(self, level: int) -> bool:
+        return 2 ** level in self.attention_resolutions
+
+    # Constructor arguments of sgm's UNetModel (and of SUPIR's GLVControl / LightGLVUNet) whose value we do
+    # not model: they must have the value SDXL/SUPIR use. None = key absent is fine.
+    _FIXED = {"num_classes": "sequential", "use_spatial_transformer": True, "use_linear_in_transformer": True,
+              "legacy": False, "dims": 2, "conv_resample": True, "dropout": 0.0, "num_heads": -1,
+              "num_heads_upsample": -1, "use_scale_shift_norm": False, "resblock_updown": False,
+              "use_new_attention_order": False, "n_embed": None, "transformer_depth_middle": None,
+              "disable_self_attentions": None, "num_attention_blocks": None, "disable_middle_self_attn": False,
+              # SUPIR: control encoder at latent resolution; XL-base connector layout with control features
+              # as wide as the UNet's own (project_channel_scale 2 undoes the hard-coded halving).
+              "input_upscale": 1, "mode": "XL-base", "project_type": "ZeroSFT", "project_channel_scale": 2}
+    # Arguments with no numerical effect (activation checkpointing, attention backend, precision flags).
+    _NO_EFFECT = {"use_checkpoint", "use_fairscale_checkpoint", "offload_to_cpu", "spatial_transformer_attn_type", "use_fp16"}
+
+    @classmethod
+    def from_reference(cls, constructor: dict) -> "UNetConfig":
+        """Map sgm `UNetModel` / SUPIR `GLVControl` / `LightGLVUNet` constructor kwargs to a config."""
+        c = dict(constructor)
+        for key, value in cls._FIXED.items():
+            if key in c:
+                got = c.pop(key)
+                assert got == value or (value is None and got is None), f"unsupported {key}={got!r} (need {value!r})"
+        for key in cls._NO_EFFECT:
+            c.pop(key, None)
+        mult = tuple(c.pop("channel_mult"))
+        depth = c.pop("transformer_depth")
+        depth = (depth,) * len(mult) if isinstance(depth, int) else tuple(depth)
+        num_res_blocks = c.pop("num_res_blocks")
+        assert isinstance(num_res_blocks, int), "per-level num_res_blocks is not used by SDXL"
+        cfg = cls(in_channels=c.pop("in_channels"), out_channels=c.pop("out_channels"),
+                  model_channels=c.pop("model_channels"), channel_mult=mult, num_res_blocks=num_res_blocks,
+                  attention_resolutions=tuple(c.pop("attention_resolutions")), transformer_depth=depth,
+                  num_head_channels=c.pop("num_head_channels"), context_dim=c.pop("context_dim"),
+                  adm_in_channels=c.pop("adm_in_channels"))
+        assert not c, f"unknown UNet constructor arguments: {sorted(c)}"
+        return cfg
+
+
+# SUPIR_v0.yaml's network_config (= SDXL base 1.0): 2,567,463,684 parameters.
+SDXL_BASE = UNetConfig()
+# Smallest layout SUPIR's connectors accept (3 levels, 2 res blocks, attention at levels 1-2, widths >= 64
+# there); context 96 / vector 1584 match the tiny text towers of text.py.
+TINY = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), transformer_depth=(1, 1, 1), num_head_channels=16,
+                  context_dim=96, adm_in_channels=1584)
+# SDXL's shape at 3/10 width with a shallower deepest level: a CPU-benchmarkable stand-in (71M parameters).
+MEDIUM = UNetConfig(model_channels=96, channel_mult=(1, 2, 4), transformer_depth=(1, 1, 2), num_head_channels=64,
+                    context_dim=96, adm_in_channels=1584)
+
+
+def GroupNorm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=eps)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of `x` over `context` (self-attention when context is None)."""
+
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim))  # checkpoint key to_out.0 (to_out.1 was Dropout(0))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        B, N, _ = x.shape
+        q, k, v = (t.view(B, t.shape[1], self.heads, -1).transpose(1, 2)
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(B, N, -1))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # net.1 was a Dropout(0); an Identity keeps the checkpoint index net.2 for the output projection.
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the H*W tokens of a feature map, with linear in/out projections and a residual."""
+
+    def __init__(self, channels: int, head_channels: int, depth: int, context_dim: int):
+        super().__init__()
+        heads = channels // head_channels
+        self.norm = GroupNorm(channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, heads, head_channels, context_dim) for _ in range(depth))
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        return x + self.proj_out(h).transpose(1, 2).reshape(B, C, H, W)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convs with the (timestep + vector) embedding added in between; 1x1 skip if widths change."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(GroupNorm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        # out_layers.2 was a Dropout(0); an Identity keeps the checkpoint index out_layers.3.
+        self.out_layers = nn.Sequential(GroupNorm(out_channels), nn.SiLU(), nn.Identity(),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Nearest interpolation is exact in float32; the reference upcasts because half-precision upsampling
+        # kernels were missing/slow on some backends.
+        return self.conv(F.interpolate(x.float(), scale_factor=2, mode="nearest").to(x.dtype))
+
+
+class Block(nn.Sequential):
+    """One UNet block (sgm's TimestepEmbedSequential): each layer gets what it needs of (emb, context)."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer_forward(layer, x, emb, context)
+        return x
+
+
+def layer_forward(layer: nn.Module, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, ResBlock):
+        return layer(x, emb)
+    if isinstance(layer, SpatialTransformer):
+        return layer(x, context)
+    return layer(x)
+
+
+class UNetEncoder(nn.Module):
+    """Embeddings, input blocks and middle block: the part SDXL's UNet and SUPIR's GLVControl share."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(),
+                                                     nn.Linear(emb_dim, emb_dim)))
+
+        self.input_blocks = nn.ModuleList([Block(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.skip_channels = [mc]  # width of each input block's output (the decoder's skip connections)
+        ch = mc
+        for level, width in enumerate(cfg.widths):
+            for _ in range(cfg.num_res_blocks):
+                self.input_blocks.append(Block(ResBlock(ch, emb_dim, width), *self.transformer(width, level)))
+                ch = width
+                self.skip_channels.append(ch)
+            if level != len(cfg.widths) - 1:
+                self.input_blocks.append(Block(Downsample(ch)))
+                self.skip_channels.append(ch)
+        self.middle_block = Block(ResBlock(ch, emb_dim, ch),
+                                  SpatialTransformer(ch, cfg.num_head_channels, cfg.transformer_depth[-1], cfg.context_dim),
+                                  ResBlock(ch, emb_dim, ch))
+        # Opt-in activation checkpointing for training (recompute each block in backward); same numerics.
+        self.gradient_checkpointing = False
+
+    def transformer(self, width: int, level: int) -> list[nn.Module]:
+        """The SpatialTransformer that follows each ResBlock on attention levels (none elsewhere)."""
+        if not self.cfg.has_attention(level):
+            return []
+        return [SpatialTransformer(width, self.cfg.num_head_channels, self.cfg.transformer_depth[level], self.cfg.context_dim)]
+
+    def run(self, fn, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def embed(self, timesteps: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        t_emb = timestep_embedding(timesteps, self.cfg.model_channels).to(dtype)
+        return self.time_embed(t_emb) + self.label_emb(y)
+
+
+class UNet(UNetEncoder):
+    """SDXL's eps-prediction UNet; with `connectors=True` SUPIR's LightGLVUNet (adds `project_modules`)."""
+
+    def __init__(self, cfg: UNetConfig, connectors: bool = False):
+        super().__init__(cfg)
+        emb_dim, skips = cfg.model_channels * 4, list(self.skip_channels)
+        ch = skips[-1]
+        self.output_blocks = nn.ModuleList()
+        decoder = []  # per output block: (running width in, skip width, width after its transformer, upsamples)
+        for level, width in reversed(list(enumerate(cfg.widths))):
+            for i in range(cfg.num_res_blocks + 1):
+                skip = skips.pop()
+                layers = [ResBlock(ch + skip, emb_dim, width), *self.transformer(width, level)]
+                upsample = level > 0 and i == cfg.num_res_blocks
+                if upsample:
+                    layers.append(Upsample(width))
+                self.output_blocks.append(Block(*layers))
+                decoder.append((ch, skip, width, upsample))
+                ch = width
+        self.out = nn.Sequential(GroupNorm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        if connectors:
+            self.project_modules = build_connectors(self.skip_channels, decoder)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
+                control: list[torch.Tensor] | None = None, control_scale: float = 1.0) -> torch.Tensor:
+        """eps for noisy latent `x`; `control` (GLVControl's features) switches on SUPIR's connectors."""
+        if control is not None:  # LightGLVUNet runs in the dtype of the control features
+            x, context, y = (t.to(control[0].dtype) for t in (x, context, y))
+        emb = self.embed(timesteps, y, x.dtype)
+        hs, h = [], x
+        for block in self.input_blocks:
+            h = self.run(block, h, emb, context)
+            hs.append(h)
+        h = self.run(self.middle_block, h, emb, context)
+        if control is None:
+            for block in self.output_blocks:
+                h = self.run(block, torch.cat([h, hs.pop()], dim=1), emb, context)
+            return self.out(h)
+
+        # SUPIR: connectors and control features are consumed from the end, middle block first; each output
+        # block's skip is merged with h by a ZeroSFT (which also concatenates), and blocks that upsample get a
+        # ZeroCrossAttn to the same control feature between their transformer and their Upsample.
+        adapters, ctrl = iter(reversed(self.project_modules)), iter(reversed(control))
+        c = next(ctrl)
+        h = self.run(next(adapters), c, h, None, control_scale)
+        for block in self.output_blocks:
+            c = next(ctrl)
+            h = self.run(next(adapters), c, hs.pop(), h, control_scale)
+            if isinstance(block[-1], Upsample):
+                for layer in block[:-1]:
+                    h = self.run(layer_forward, layer, h, emb, context)
+                h = self.run(next(adapters), c, h, control_scale)
+                h = block[-1](h)
+            else:
+                h = self.run(block, h, emb, context)
+        return self.out(h)
+
+
+def build_connectors(skip_channels: list[int], decoder: list[tuple[int, int, int, bool]]) -> nn.ModuleList:
+    """SUPIR's `project_modules` in checkpoint order (the reverse of the order the decoder uses them).
+
+    ZeroSFT k modulates skip k (and control feature k, equally wide) and concatenates the running h of the
+    output block that consumes it; the last one sits after the middle block. A ZeroCrossAttn precedes the
+    ZeroSFT of each upsampling output block. For SDXL this is LightGLVUNet(mode="XL-base")'s hard-coded list.
+    """
+    from .control import ZeroCrossAttn, ZeroSFT  # control.py builds on this module
+
+    modules = nn.ModuleList()
+    for k, skip in enumerate(skip_channels):
+        h_in, skip_w, out_w, upsample = decoder[len(decoder) - 1 - k]
+        assert skip_w == skip
+        if upsample:
+            modules.append(ZeroCrossAttn(context_dim=skip, query_dim=out_w))
+        modules.append(ZeroSFT(label_nc=skip, norm_nc=skip, concat_channels=h_in))
+    mid = skip_channels[-1]
+    modules.append(ZeroSFT(label_nc=mid, norm_nc=mid, concat_channels=0))
+    return modules

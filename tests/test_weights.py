@@ -1,0 +1,91 @@
+"""Loading official-layout checkpoints: the full-size key layout, and synthetic files through the real loader."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fixtures import REFERENCE
+from mini_supir import supir
+from mini_supir.weights import CheckpointError, read_state_dict
+
+SUPIR_PREFIXES = ("model.control_model.", "model.diffusion_model.project_modules.", "first_stage_model.denoise_encoder.")
+
+
+def manifest(name):
+    path = REFERENCE / "manifests" / name
+    if not path.exists():
+        pytest.skip(f"no manifest {path}")
+    return json.loads(path.read_text())["keys"]
+
+
+def test_full_size_supir_matches_official_manifests():
+    expected = {**manifest("sdxl_base.json"), **manifest("supir_v0.json")}
+    ours = supir.build(supir.SDXL, "meta").state_dict()
+    assert sorted(set(ours) ^ set(expected)) == []
+    wrong = [k for k, v in ours.items() if list(v.shape) != expected[k]["shape"]]
+    assert wrong == []
+    # UNet + VAE + SUPIR additions (the manifests' counts) plus the two text towers
+    assert sum(v.numel() for k, v in ours.items() if v.is_floating_point()) == 3_983_457_459 + 123_060_480 + 694_659_841
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    """A tiny model saved as the two files users have: an SDXL single file and a SUPIR file."""
+    torch.manual_seed(0)
+    sd = {k: v.contiguous() for k, v in supir.build(supir.TINY, "cpu").state_dict().items()}
+    d = tmp_path_factory.mktemp("ckpt")
+    base = {k: v for k, v in sd.items() if not k.startswith(SUPIR_PREFIXES)}
+    base["denoiser.sigmas"] = torch.ones(1000)  # present in real SDXL files, owned by no module
+    save_file(base, str(d / "sdxl.safetensors"))
+    torch.save({"state_dict": {k: v for k, v in sd.items() if k.startswith(SUPIR_PREFIXES)} | {"mask_LQ": torch.ones(1)}},
+               d / "supir.ckpt")
+    return d, sd
+
+
+def test_synthetic_checkpoint_loads_strictly(tiny_files):
+    d, sd = tiny_files
+    model = supir.load(supir.TINY, d / "sdxl.safetensors", d / "supir.ckpt")
+    ours = model.state_dict()
+    assert set(ours) == set(sd)
+    assert all(torch.equal(ours[k], sd[k]) for k in sd)
+
+
+def test_dtype_per_component(tiny_files):
+    d, _ = tiny_files
+    model = supir.load(supir.TINY, d / "sdxl.safetensors", d / "supir.ckpt", dtypes={"model.": torch.bfloat16})
+    assert model.model.diffusion_model.out[2].weight.dtype == torch.bfloat16
+    assert model.first_stage_model.quant_conv.weight.dtype == torch.float32
+
+
+def test_truncated_file_is_one_clear_error(tiny_files, tmp_path):
+    d, _ = tiny_files
+    data = (d / "sdxl.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        supir.load(supir.TINY, tmp_path / "cut.safetensors", d / "supir.ckpt")
+
+
+def test_missing_and_misshaped_keys_are_listed(tiny_files, tmp_path):
+    d, _ = tiny_files
+    base = read_state_dict(d / "sdxl.safetensors")
+    del base["model.diffusion_model.out.2.bias"]
+    base["first_stage_model.quant_conv.weight"] = torch.zeros(1, 2, 3, 4)
+    save_file(base, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointError) as e:
+        supir.load(supir.TINY, tmp_path / "bad.safetensors", d / "supir.ckpt")
+    msg = str(e.value)
+    assert "1 missing: model.diffusion_model.out.2.bias" in msg
+    assert "first_stage_model.quant_conv.weight (1, 2, 3, 4)" in msg
+    assert "\n" not in msg
+
+
+def test_sdxl_file_is_not_a_supir_file(tiny_files):
+    d, _ = tiny_files
+    with pytest.raises(CheckpointError, match="not a SUPIR checkpoint"):
+        supir.load(supir.TINY, d / "sdxl.safetensors", d / "sdxl.safetensors")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        supir.load(supir.TINY, tmp_path / "nope.safetensors")
