@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .unet import CrossAttention, GroupNorm, UNet, UNetConfig, UNetEncoder
+from .unet import CrossAttention, UNet, UNetConfig, UNetEncoder, group_norm
 
 
 class ZeroSFT(nn.Module):
@@ -23,19 +23,17 @@ class ZeroSFT(nn.Module):
 
     def __init__(self, label_nc: int, norm_nc: int, concat_channels: int = 0, nhidden: int = 128):
         super().__init__()
-        self.param_free_norm = GroupNorm(norm_nc + concat_channels)  # affine, despite the (SPADE) name
+        self.param_free_norm = group_norm(norm_nc + concat_channels)  # affine, despite the (SPADE) name
         self.mlp_shared = nn.Sequential(nn.Conv2d(label_nc, nhidden, 3, padding=1), nn.SiLU())
         self.zero_mul = nn.Conv2d(nhidden, norm_nc + concat_channels, 3, padding=1)
         self.zero_add = nn.Conv2d(nhidden, norm_nc + concat_channels, 3, padding=1)
         self.zero_conv = nn.Conv2d(label_nc, norm_nc, 1)
-        self.concat = concat_channels > 0
 
     def forward(self, c: torch.Tensor, h: torch.Tensor, h_ori: torch.Tensor | None = None,
                 control_scale: float = 1.0) -> torch.Tensor:
-        concat = self.concat and h_ori is not None
-        h_raw = torch.cat([h_ori, h], dim=1) if concat else h
+        h_raw = h if h_ori is None else torch.cat([h_ori, h], dim=1)
         h = h + self.zero_conv(c)
-        if concat:
+        if h_ori is not None:
             h = torch.cat([h_ori, h], dim=1)
         actv = self.mlp_shared(c)
         h = self.param_free_norm(h) * (1 + self.zero_mul(actv)) + self.zero_add(actv)
@@ -48,8 +46,8 @@ class ZeroCrossAttn(nn.Module):
     def __init__(self, context_dim: int, query_dim: int):
         super().__init__()
         self.attn = CrossAttention(query_dim, context_dim, heads=query_dim // 64, dim_head=64)
-        self.norm1 = GroupNorm(query_dim)
-        self.norm2 = GroupNorm(context_dim)
+        self.norm1 = group_norm(query_dim)
+        self.norm2 = group_norm(context_dim)
 
     def forward(self, context: torch.Tensor, x: torch.Tensor, control_scale: float = 1.0) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -68,7 +66,7 @@ class GLVControl(UNetEncoder):
 
     def __init__(self, cfg: UNetConfig):
         super().__init__(cfg)
-        self.input_hint_block = nn.Sequential(nn.Conv2d(cfg.in_channels, cfg.model_channels, 3, padding=1))
+        self.input_hint_block = nn.Sequential(nn.Conv2d(cfg.in_channels, cfg.model_channels, 3, padding=1))  # key .0
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, xt: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor) -> list[torch.Tensor]:

@@ -18,11 +18,11 @@ Named settings (`SETTINGS`):
 CLI: python -m mini_supir.degrade --in GT_DIR --out LQ_DIR --setting sr4-blur2 [--seed 0]
 """
 import argparse
+import hashlib
 import io
 import math
 import os
 import sys
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,11 +69,11 @@ def sinc_kernel(size: int, cutoff: float) -> torch.Tensor:
 
 
 def filter2d(img: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Convolve every channel with a (k, k) kernel (k odd), reflect-padded so the size is unchanged."""
+    """Convolve every channel with a (k, k) kernel (k odd), padded so that the size is unchanged."""
     k = kernel.shape[-1]
-    if min(img.shape[-2:]) <= k // 2:
-        raise ValueError(f"image {tuple(img.shape[-2:])} is too small for a {k}x{k} blur kernel")
-    x = F.pad(img, [k // 2] * 4, mode="reflect")
+    # reflection needs more pixels than the padding; tiny images (after a strong random down-scale) replicate
+    mode = "reflect" if min(img.shape[-2:]) > k // 2 else "replicate"
+    x = F.pad(img, [k // 2] * 4, mode=mode)
     weight = kernel.to(img).expand(img.shape[1], 1, k, k)
     return F.conv2d(x, weight, groups=img.shape[1])
 
@@ -125,14 +125,14 @@ def add_poisson_noise(img: torch.Tensor, scale, generator: torch.Generator, gray
     the number of distinct levels in the image rounded up to a power of two (Real-ESRGAN's rule), and the
     difference is scaled by `scale`. With gray the noise of the BT.601 luma is added to all channels."""
     b = img.shape[0]
-    gray = _per_image(gray, b, img).bool()
+    gray = _per_image(gray, b, img).bool().flatten().tolist()
     luma = (img * img.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
     noise = []
-    for x in torch.where(gray, luma.expand_as(img), img):
-        x = (x * 255).round().clamp(0, 255) / 255
+    for x, y, is_gray in zip(img, luma, gray):
+        x = ((y if is_gray else x) * 255).round().clamp(0, 255) / 255
         levels = 2 ** math.ceil(math.log2(len(torch.unique(x))))
         counts = torch.poisson((x * levels).to(generator.device), generator=generator).to(x)
-        noise.append(counts / levels - x)
+        noise.append((counts / levels - x).expand_as(img[0]))  # a grey (1, H, W) noise goes to all channels
     return (img + torch.stack(noise) * _per_image(scale, b, img)).clamp(0, 1)
 
 
@@ -368,8 +368,9 @@ def save_image(img: torch.Tensor, path: str | Path) -> None:
 
 
 def image_seed(seed: int, name: str) -> int:
-    """Per-file seed: depends on the file name, not on which other files are in the folder."""
-    return (seed << 32) | zlib.crc32(name.encode())
+    """Per-file seed from the base seed and the file name (not from which other files are in the folder).
+    32 bits, because torch's CPU generator (mt19937) only uses the low 32 bits of a seed."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:4], "little")
 
 
 def main(argv=None) -> int:
@@ -391,14 +392,16 @@ def main(argv=None) -> int:
     if len(set(stems)) != len(stems):
         return _fail(f"two input images share a name: {sorted(s for s in set(stems) if stems.count(s) > 1)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    for path in tqdm(files, desc=f"degrade {args.setting}", unit="img"):
-        try:
-            img = load_image(path)
-            lq = degrade(img, args.setting, seed=image_seed(args.seed, path.name))
-        except (OSError, ValueError) as e:
-            return _fail(f"{path}: {e}")
-        save_image(lq, args.out / f"{path.stem}.png")
-    return 0
+    error = None
+    with tqdm(files, desc=f"degrade {args.setting}", unit="img") as progress:
+        for path in progress:
+            try:
+                lq = degrade(load_image(path), args.setting, seed=image_seed(args.seed, path.name))
+            except (OSError, ValueError) as e:  # unreadable or too small; PIL's errors are OSErrors
+                error = f"{path}: {e}"
+                break
+            save_image(lq, args.out / f"{path.stem}.png")
+    return _fail(error) if error else 0
 
 
 def _fail(message: str) -> int:

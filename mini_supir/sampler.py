@@ -327,7 +327,7 @@ class _Tiles:
             conds = [_cond_tile(cond[first + k] if isinstance(cond, list) else cond, win) for k, win in enumerate(wins)]
             stack = lambda t: torch.cat([_cut(t, win) for win in wins])  # noqa: E731
             cat = lambda cs: {k: torch.cat([c[k] for c in cs]) for k in cs[0]}  # noqa: E731
-            out = fn(stack(x), cond=cat(conds), uncond=None if uncond is None else cat([_cond_tile(uncond, w) for w in wins]),
+            out = fn(x=stack(x), cond=cat(conds), uncond=None if uncond is None else cat([_cond_tile(uncond, w) for w in wins]),
                      **{k: None if v is None else stack(v) for k, v in inputs.items()})
             for k, win in enumerate(wins):
                 tile = {name: out[name][k * b:(k + 1) * b] for name in acc}

@@ -162,6 +162,8 @@ TINY_CLIP = CLIPTextConfig(hidden_size=32, intermediate_size=128, num_layers=3, 
 
 
 class CLIPTextEmbeddings(nn.Module):
+    optional_keys = ("position_ids",)  # files may omit it (weights.check_keys reads this)
+
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)

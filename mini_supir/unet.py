@@ -76,7 +76,7 @@ class UNetConfig:
         for key, value in cls._FIXED.items():
             if key in c:
                 got = c.pop(key)
-                assert got == value or (value is None and got is None), f"unsupported {key}={got!r} (need {value!r})"
+                assert got == value, f"unsupported {key}={got!r} (need {value!r})"
         for key in cls._NO_EFFECT:
             c.pop(key, None)
         mult = tuple(c.pop("channel_mult"))
@@ -104,7 +104,7 @@ MEDIUM = UNetConfig(model_channels=96, channel_mult=(1, 2, 4), transformer_depth
                     context_dim=96, adm_in_channels=1584)
 
 
-def GroupNorm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
+def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=eps)
 
 
@@ -169,7 +169,7 @@ class SpatialTransformer(nn.Module):
     def __init__(self, channels: int, head_channels: int, depth: int, context_dim: int):
         super().__init__()
         heads = channels // head_channels
-        self.norm = GroupNorm(channels, eps=1e-6)
+        self.norm = group_norm(channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, heads, head_channels, context_dim) for _ in range(depth))
@@ -188,10 +188,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int):
         super().__init__()
-        self.in_layers = nn.Sequential(GroupNorm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         # out_layers.2 was a Dropout(0); an Identity keeps the checkpoint index out_layers.3.
-        self.out_layers = nn.Sequential(GroupNorm(out_channels), nn.SiLU(), nn.Identity(),
+        self.out_layers = nn.Sequential(group_norm(out_channels), nn.SiLU(), nn.Identity(),
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
@@ -216,8 +216,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Nearest interpolation is exact in float32; the reference upcasts because half-precision upsampling
-        # kernels were missing/slow on some backends.
+        # As the reference: older PyTorch has no bfloat16 nearest-upsample kernel; the round trip is exact.
         return self.conv(F.interpolate(x.float(), scale_factor=2, mode="nearest").to(x.dtype))
 
 
@@ -290,7 +289,7 @@ class UNet(UNetEncoder):
         emb_dim, skips = cfg.model_channels * 4, list(self.skip_channels)
         ch = skips[-1]
         self.output_blocks = nn.ModuleList()
-        decoder = []  # per output block: (running width in, skip width, width after its transformer, upsamples)
+        decoder = []  # per output block: (width of the running h it receives, its own width, whether it upsamples)
         for level, width in reversed(list(enumerate(cfg.widths))):
             for i in range(cfg.num_res_blocks + 1):
                 skip = skips.pop()
@@ -299,9 +298,9 @@ class UNet(UNetEncoder):
                 if upsample:
                     layers.append(Upsample(width))
                 self.output_blocks.append(Block(*layers))
-                decoder.append((ch, skip, width, upsample))
+                decoder.append((ch, width, upsample))
                 ch = width
-        self.out = nn.Sequential(GroupNorm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
         if connectors:
             self.project_modules = build_connectors(self.skip_channels, decoder)
 
@@ -340,21 +339,20 @@ class UNet(UNetEncoder):
         return self.out(h)
 
 
-def build_connectors(skip_channels: list[int], decoder: list[tuple[int, int, int, bool]]) -> nn.ModuleList:
+def build_connectors(skip_channels: list[int], decoder: list[tuple[int, int, bool]]) -> nn.ModuleList:
     """SUPIR's `project_modules` in checkpoint order (the reverse of the order the decoder uses them).
 
     ZeroSFT k modulates skip k (and control feature k, equally wide) and concatenates the running h of the
-    output block that consumes it; the last one sits after the middle block. A ZeroCrossAttn precedes the
-    ZeroSFT of each upsampling output block. For SDXL this is LightGLVUNet(mode="XL-base")'s hard-coded list.
+    output block that consumes it; the last one sits after the middle block. Each upsampling output block
+    also gets a ZeroCrossAttn, listed just before its ZeroSFT. For SDXL this is LightGLVUNet(mode="XL-base")'s hard-coded list.
     """
     from .control import ZeroCrossAttn, ZeroSFT  # control.py builds on this module
 
     modules = nn.ModuleList()
     for k, skip in enumerate(skip_channels):
-        h_in, skip_w, out_w, upsample = decoder[len(decoder) - 1 - k]
-        assert skip_w == skip
+        h_in, width, upsample = decoder[len(decoder) - 1 - k]  # the output block that consumes skip k
         if upsample:
-            modules.append(ZeroCrossAttn(context_dim=skip, query_dim=out_w))
+            modules.append(ZeroCrossAttn(context_dim=skip, query_dim=width))
         modules.append(ZeroSFT(label_nc=skip, norm_nc=skip, concat_channels=h_in))
     mid = skip_channels[-1]
     modules.append(ZeroSFT(label_nc=mid, norm_nc=mid, concat_channels=0))

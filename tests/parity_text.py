@@ -4,7 +4,7 @@ import json
 import torch
 
 from fixtures import Fixture, checks
-from mini_supir.text import (CLIPEmbedder, CLIPTextConfig, CLIPTextModel, Conditioner, OpenCLIPEmbedder,
+from mini_supir.text import (CLIPEmbedder, CLIPTextConfig, Conditioner, OpenCLIPEmbedder,
                              OpenCLIPTextConfig, SizeEmbedder, bpe_ids, tokenize)
 
 SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")

@@ -86,7 +86,7 @@ def check_denoiser(fx: Fixture, model: ControlledUNet):
     den = Denoiser(model)
     cond = {k: i[f"den.c.{k}"] for k in ("crossattn", "vector", "control")}
     with torch.no_grad():
-        idx = den.sigma_to_idx(i["den.sigma"])
-        outs = {"den.idx": idx, "den.sigma_q": den.sigmas[idx], "den.sigmas_table": den.sigmas,
+        idx, sigma_q = den.quantize(i["den.sigma"])
+        outs = {"den.idx": idx, "den.sigma_q": sigma_q, "den.sigmas_table": den.sigma_table(),
                 "den.denoised": den(i["den.input"], i["den.sigma"], cond, control_scale=fx.config["den_control_scale"])}
     fx.check_all(outs, prefix="den.")

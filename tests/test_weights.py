@@ -89,3 +89,13 @@ def test_sdxl_file_is_not_a_supir_file(tiny_files):
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
         supir.load(supir.TINY, tmp_path / "nope.safetensors")
+
+
+def test_file_without_clip_position_ids_loads(tiny_files, tmp_path):
+    d, sd = tiny_files
+    base = read_state_dict(d / "sdxl.safetensors")
+    del base["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"]
+    save_file(base, str(tmp_path / "nopos.safetensors"))
+    model = supir.load(supir.TINY, tmp_path / "nopos.safetensors", d / "supir.ckpt")
+    ids = model.conditioner.embedders[0].transformer.text_model.embeddings.position_ids
+    assert torch.equal(ids, torch.arange(77)[None])

@@ -1,0 +1,508 @@
+"""SUPIR restoration end to end: a PIL image in, a restored PIL image out.
+
+What `SUPIRModel.batchify_sample` does, in steps a caller can run one by one (mask-guided repair and
+evaluation hook in between them):
+
+    prepare   image -> LQ tensor at a multiple of 64 px (upscale, min_size, alpha / greyscale handling)
+    stage1    _z = 0.13025 * mode(denoise_encoder(LQ));  x_stage1 = decode(_z)           (deterministic)
+    sample    z_stage1 = 0.13025 * sample(encoder(x_stage1));  noise ~ N(0, I);
+              sampler(noise, x_center = z_stage1, cond["control"] = _z)                   (seeded)
+    decode    decode(latent); colour fix with x_stage1 as the style image
+    finish    back to the exact requested size, the input's alpha and mode
+
+Every random number comes from a CPU `torch.Generator` seeded with `seed + sample_index`, so a result is a
+function of (image, settings, seed, weights) and the same on any device (up to its arithmetic).
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+from PIL.PngImagePlugin import PngInfo
+
+from . import colorfix, supir
+from .sampler import Denoiser, sample_lightning, sample_restore_dpmpp2m, sample_restore_edm
+from .text import DEFAULT_NEGATIVE, DEFAULT_POSITIVE
+
+SAMPLERS = ("edm", "dpmpp2m", "lightning")
+COLOR_FIXES = ("wavelet", "adain", "none")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Above this many pixels (of the image as processed, after upscaling) the untiled VAE and UNet activations
+# outgrow a 24 GB GPU with the SDXL model: bigger images need tiled VAE and tiled sampling.
+UNTILED_MAX_PIXELS = 2048 * 2048
+# Largest image file we decode at all (PIL's decompression-bomb guard is set to the same).
+MAX_INPUT_PIXELS = 2 ** 29  # about 23000 x 23000
+
+
+class RestoreError(RuntimeError):
+    """A restoration that cannot be done or went wrong (one line, for the CLI)."""
+
+
+class ImageError(ValueError):
+    """An input image we refuse: unreadable, truncated, or too large (one line, for the CLI)."""
+
+
+@dataclass(frozen=True)
+class RestoreSettings:
+    """Everything that decides the output besides the image, the seed and the weights.
+
+    Defaults are SUPIR's "Quality" setting (v0Q weights) with its EDM sampler. Names follow SUPIR's demo:
+    cfg = s_cfg (guidance at sigma 0), cfg_start = spt_linear_CFG (guidance at sigma_max; None = constant),
+    control_scale = s_stage2, control_start = spt_linear_s_stage2 (None = constant), restore_cfg = s_stage1
+    (restoration guidance towards the stage-1 latent; <= 0 turns it off).
+    """
+    upscale: float = 1.0
+    min_size: int = 1024          # short side is scaled up to this before processing (SUPIR)
+    sampler: str = "edm"
+    steps: int = 50
+    cfg: float = 7.5
+    cfg_start: float | None = 4.0
+    control_scale: float = 1.0
+    control_start: float | None = None
+    restore_cfg: float = 4.0      # SUPIR_v0.yaml (the demo passes -1: off)
+    s_churn: float = 5.0          # SUPIR's demo and test.py (the yaml's 0 is overridden there)
+    s_noise: float = 1.003
+    eta: float = 1.0              # DPM++ SDE noise (dpmpp2m only)
+    prompt: str = ""              # image description (caption), put before `positive`
+    positive: str = DEFAULT_POSITIVE
+    negative: str = DEFAULT_NEGATIVE
+    color_fix: str = "wavelet"
+    num_samples: int = 1
+    tile_vae: bool = False
+    vae_tile_size: int = 512      # px; the decoder works on tiles of vae_tile_size / 8 latent pixels
+    tile_size: int | None = None  # px; tiled sampling (SUPIR_v0_tiled.yaml: 1024 px = 128 latent)
+    tile_stride: int | None = None  # px; default tile_size / 2
+
+    def __post_init__(self):
+        problems = []
+        if self.sampler not in SAMPLERS:
+            problems.append(f"sampler must be one of {SAMPLERS}, not {self.sampler!r}")
+        if self.color_fix not in COLOR_FIXES:
+            problems.append(f"color_fix must be one of {COLOR_FIXES}, not {self.color_fix!r}")
+        if self.steps < 1 or self.num_samples < 1:
+            problems.append("steps and num_samples must be >= 1")
+        if not self.upscale > 0 or self.min_size < 0:
+            problems.append("upscale must be > 0 and min_size >= 0")
+        for name in ("vae_tile_size", "tile_size", "tile_stride"):
+            v = getattr(self, name)
+            if v is not None and (v <= 0 or v % 64):
+                problems.append(f"{name} must be a positive multiple of 64 px, not {v}")
+        if self.tile_stride is not None and (self.tile_size is None or self.tile_stride > self.tile_size):
+            problems.append("tile_stride needs tile_size and must not exceed it")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def tiled(self) -> bool:
+        return self.tile_vae and self.tile_size is not None
+
+    @property
+    def positive_text(self) -> str:
+        # SUPIR joins caption and quality prompt with no separator ("a cat." + "Cinematic, ..."). The CLIP
+        # tokenizer drops whitespace between a punctuation mark and a word, so a space gives the same tokens
+        # there, and keeps a caption ending in a letter from fusing with "Cinematic" into one word.
+        return f"{self.prompt} {self.positive}".strip()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RestoreSettings":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown settings: {unknown}")
+        return cls(**d)
+
+
+QUALITY = RestoreSettings()
+FIDELITY = replace(QUALITY, cfg=4.0, cfg_start=1.0)
+# SUPIR_v0_Juggernautv9_lightning.yaml: DPM++ 2M SDE on Karras sigmas, 8 steps, no restoration guidance.
+LIGHTNING = replace(QUALITY, sampler="dpmpp2m", steps=8, cfg=2.0, cfg_start=2.0, s_churn=0.0)
+LIGHTNING_FIDELITY = replace(LIGHTNING, cfg=1.5, cfg_start=1.5)
+# Euler on trailing timesteps for SDXL-Lightning 2/4/8-step checkpoints or LoRAs, distilled without CFG.
+EULER_LIGHTNING = replace(QUALITY, sampler="lightning", steps=4, cfg=1.0, cfg_start=None, restore_cfg=0.0, s_churn=0.0)
+
+
+def preset(mode: str = "quality", sampler: str = "edm") -> RestoreSettings:
+    """SUPIR's Quality / Fidelity settings for a sampler (dpmpp2m: its Lightning config)."""
+    table = {("quality", "edm"): QUALITY, ("fidelity", "edm"): FIDELITY,
+             ("quality", "dpmpp2m"): LIGHTNING, ("fidelity", "dpmpp2m"): LIGHTNING_FIDELITY,
+             ("quality", "lightning"): EULER_LIGHTNING, ("fidelity", "lightning"): EULER_LIGHTNING}
+    if (mode, sampler) not in table:
+        raise ValueError(f"no preset for mode {mode!r} with sampler {sampler!r}")
+    return table[mode, sampler]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sizes and image I/O
+
+
+def processing_size(width: int, height: int, upscale: float = 1.0, min_size: int = 1024
+                    ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((W, H) the model works at, (w, h) of the result), as SUPIR's PIL2Tensor computes them.
+
+    The result is the input times `upscale`. The model works at that size, scaled up further if its short
+    side is below `min_size` (SDXL degrades far below 1024 px), rounded to multiples of 64.
+    """
+    w, h = width * upscale, height * upscale
+    out = (max(1, round(w)), max(1, round(h)))
+    if min(w, h) < min_size:
+        s = min_size / min(w, h)
+        w, h = w * s, h * s
+    return (max(64, int(np.round(w / 64)) * 64), max(64, int(np.round(h / 64)) * 64)), out
+
+
+def check_size(width: int, height: int, settings: RestoreSettings) -> None:
+    """Refuse, before anything is decoded, images we cannot decode or process with these settings."""
+    if width * height > MAX_INPUT_PIXELS:
+        raise ImageError(f"{width}x{height} is {width * height / 1e6:.0f} MP, more than the "
+                         f"{MAX_INPUT_PIXELS / 1e6:.0f} MP this tool decodes")
+    (w, h), _ = processing_size(width, height, settings.upscale, settings.min_size)
+    if w * h > UNTILED_MAX_PIXELS and not settings.tiled:
+        raise ImageError(f"{width}x{height} is processed at {w}x{h} ({w * h / 1e6:.1f} MP): above "
+                         f"{UNTILED_MAX_PIXELS / 1e6:.1f} MP this needs tiling (--tile-vae and --tile-size 1024)")
+
+
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def open_image(path: str | Path, settings: RestoreSettings = QUALITY) -> Image.Image:
+    """Open, size-check from the header, decode fully, and apply the EXIF orientation."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError("no such file")
+    if path.is_dir():
+        raise ImageError("is a directory")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey bottom half
+    try:
+        im = Image.open(path)  # reads the header only
+    except Image.DecompressionBombError as e:
+        raise ImageError(str(e)) from None
+    except (Image.UnidentifiedImageError, OSError) as e:
+        raise ImageError(f"not an image ({type(e).__name__})") from None
+    with im:
+        w, h = im.size
+        if im.getexif().get(0x0112) in _TRANSPOSED:
+            w, h = h, w
+        check_size(w, h, settings)
+        try:
+            im.load()
+        except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for broken data
+            raise ImageError(f"cannot decode: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        return ImageOps.exif_transpose(im)
+
+
+@dataclass
+class Prepared:
+    lq: torch.Tensor               # (1, 3, H, W) in [-1, 1], H and W multiples of 64
+    out_size: tuple[int, int]      # (width, height) of the result
+    alpha: Image.Image | None      # the input's alpha channel, re-attached to the result
+    grey: bool                     # greyscale input: greyscale result
+
+
+_GREY = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def _rgb8(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """(8-bit RGB over white, the alpha channel or None)."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        # 16-bit greyscale (PNG loads it as I / I;16); float images are taken to be in [0, 1]
+        a = a * 255.0 if image.mode == "F" else a / 257.0
+        image = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if "A" in image.getbands() or "a" in image.getbands():
+        rgba = image.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba.convert("RGB"), mask=alpha)  # SUPIR's HWC3 composites over white
+        return white, alpha
+    return image.convert("RGB"), None
+
+
+def prepare(image: Image.Image, settings: RestoreSettings) -> Prepared:
+    grey = image.mode in _GREY
+    rgb, alpha = _rgb8(image)
+    (w, h), out = processing_size(*rgb.size, settings.upscale, settings.min_size)
+    if (w, h) != rgb.size:
+        rgb = rgb.resize((w, h), Image.LANCZOS)
+    lq = torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1.0
+    return Prepared(lq, out, alpha, grey)
+
+
+def to_image(x: torch.Tensor) -> Image.Image:
+    """(1, 3, H, W) in [-1, 1] -> 8-bit RGB (rounded, as SUPIR's demo)."""
+    a = ((x[0].float().permute(1, 2, 0) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    return Image.fromarray(a, "RGB")
+
+
+def finish(x: torch.Tensor, prepared: Prepared) -> Image.Image:
+    image = to_image(x)
+    if image.size != prepared.out_size:
+        image = image.resize(prepared.out_size, Image.LANCZOS)
+    if prepared.grey:
+        image = image.convert("L")
+    if prepared.alpha is not None:
+        image.putalpha(prepared.alpha.resize(prepared.out_size, Image.LANCZOS))
+    return image
+
+
+METADATA_KEY = "mini_supir"  # PNG tEXt chunk holding the JSON of every setting that made the image
+
+
+def save_png(image: Image.Image, path: str | Path, info: dict) -> None:
+    """Write atomically (temp file in the same folder, then os.replace): a crash never leaves half a PNG."""
+    path = Path(path)
+    meta = PngInfo()
+    meta.add_text(METADATA_KEY, json.dumps(info, sort_keys=True))
+    meta.add_text("Software", "mini_supir")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="PNG", pnginfo=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_png_info(path: str | Path) -> dict:
+    """The JSON `save_png` stored (settings under "settings": `RestoreSettings.from_dict` rebuilds them)."""
+    with Image.open(path) as im:
+        return json.loads(im.text[METADATA_KEY])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Devices and precision
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    if device not in (None, "auto"):
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtypes(device: torch.device, dtype: str | torch.dtype | None = None,
+                vae_dtype: str | torch.dtype | None = None) -> tuple[torch.dtype, torch.dtype]:
+    """(diffusion + text dtype, VAE dtype). Defaults as SUPIR: fp16 UNet and bf16 VAE on CUDA; fp32 on CPU
+    (half-precision matmuls are slow there) and fp32 VAE on MPS."""
+    def parse(d, default):
+        if d in (None, "auto"):
+            return default
+        if isinstance(d, torch.dtype):
+            return d
+        if d not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or auto, not {d!r}")
+        return DTYPES[d]
+
+    gpu = device.type in ("cuda", "mps")
+    unet = parse(dtype, torch.float16 if gpu else torch.float32)
+    vae = parse(vae_dtype, torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32)
+    if vae == torch.float16:
+        raise ValueError("the SDXL VAE overflows to NaN in fp16: use --vae-dtype bf16 or fp32")
+    return unet, vae
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The restorer
+
+
+@dataclass
+class Stage1:
+    z_lq: torch.Tensor      # _z: 0.13025 * mode of the denoise encoder, the control input
+    x_stage1: torch.Tensor  # its decoding: the degradation-removed image, colour-fix style and x_center source
+
+
+class Restorer:
+    """A loaded SUPIR model placed on a device, and the restoration steps over it.
+
+    Placement: the UNet + control model and the VAE live on `device` (with `offload`, each moves there only
+    while it runs); the text encoders stay on the CPU and visit the device only to encode a prompt, whose
+    embedding is cached (`free_text_encoders` drops them once all prompts are encoded).
+    """
+
+    def __init__(self, model: supir.SUPIR, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, vae_dtype: str | torch.dtype | None = None,
+                 offload: bool = False):
+        self.device = pick_device(device)
+        self.dtype, self.vae_dtype = pick_dtypes(self.device, dtype, vae_dtype)
+        self.offload = offload and self.device.type != "cpu"
+        self.model = model.eval().requires_grad_(False)
+        self.unet = model.model.to(dtype=self.dtype)
+        self.vae = model.first_stage_model.to(dtype=self.vae_dtype)
+        self.conditioner = model.conditioner.to(dtype=self.dtype)
+        if not self.offload:
+            self.unet.to(self.device)
+            self.vae.to(self.device)
+        self.denoiser = Denoiser(self.unet)
+        self.factor = self.vae.cfg.downsample_factor
+        self._text: dict[str, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def from_files(cls, sdxl: str | Path, supir_file: str | Path, cfg: supir.SUPIRConfig = supir.SDXL,
+                   loras: tuple[tuple[str | Path, float], ...] = (), **placement) -> "Restorer":
+        """Official single files (local paths or hub specs, see weights.resolve) plus LoRAs merged in.
+        The tensors are cast as they are read, so host RAM holds one copy at the target precision."""
+        device = pick_device(placement.pop("device", None))
+        dtype, vae_dtype = pick_dtypes(device, placement.pop("dtype", None), placement.pop("vae_dtype", None))
+        model = supir.load(cfg, sdxl, supir_file,
+                           {"model.": dtype, "conditioner.": dtype, "first_stage_model.": vae_dtype})
+        cls._merge_loras(model, loras)
+        return cls(model, device, dtype, vae_dtype, **placement)
+
+    @classmethod
+    def random(cls, cfg: supir.SUPIRConfig = supir.TINY, seed: int = 0,
+               loras: tuple[tuple[str | Path, float], ...] = (), **placement) -> "Restorer":
+        """Random weights (PyTorch's default init, seeded, built on the CPU so it is the same model
+        everywhere): a smoke test of the whole pipeline that restores nothing."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = supir.build(cfg, "cpu")
+        cls._merge_loras(model, loras)
+        return cls(model, **placement)
+
+    @staticmethod
+    def _merge_loras(model: supir.SUPIR, loras) -> None:
+        from .lora import load_lora
+        from .weights import resolve
+        for i, (path, scale) in enumerate(loras):
+            load_lora(model, resolve(path), name=f"lora{i}", scale=scale, merge=True)
+
+    # -- placement -------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _running(self, module: torch.nn.Module, always: bool = False):
+        """Module on the device while the block runs (offload mode, or `always` for the text encoders)."""
+        move = (self.offload or always) and self.device.type != "cpu"
+        if move:
+            module.to(self.device)
+        try:
+            yield module
+        finally:
+            if move:
+                module.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    # -- prompts ---------------------------------------------------------------------------------------
+
+    def encode_prompts(self, texts: list[str]) -> None:
+        """Run the text encoders once for every text not seen yet (batched) and cache the embeddings."""
+        todo = sorted({t for t in texts if t not in self._text})
+        if not todo:
+            return
+        if self.conditioner is None:
+            raise RestoreError("the text encoders were freed; encode every prompt before free_text_encoders()")
+        with torch.no_grad(), self._running(self.conditioner, always=True):
+            # SUPIR conditions on a fixed 1024x1024 original/target size and crop (0, 0) whatever the image size
+            out = self.conditioner.encode(todo)
+        for i, t in enumerate(todo):
+            self._text[t] = {k: v[i:i + 1].cpu() for k, v in out.items()}
+
+    def free_text_encoders(self) -> None:
+        """Drop the text encoders (about 1.4 B parameters for SDXL); cached prompts still work."""
+        self.model.conditioner = self.conditioner = None
+
+    def conditioning(self, settings: RestoreSettings, z_lq: torch.Tensor) -> tuple[dict, dict]:
+        """(cond, uncond) for the sampler: text embeddings plus the LQ latent as "control" in both."""
+        pos, neg = settings.positive_text, settings.negative
+        self.encode_prompts([pos, neg])
+        n = z_lq.shape[0]
+        c, uc = ({k: v.to(self.device).expand(n, *v.shape[1:]) for k, v in self._text[t].items()} for t in (pos, neg))
+        return {**c, "control": z_lq}, {**uc, "control": z_lq}
+
+    # -- the steps ---------------------------------------------------------------------------------------
+
+    def _vae_tiles(self, settings: RestoreSettings, size: tuple[int, int]) -> tuple[int | None, int | None]:
+        """(encoder tile in px, decoder tile in latent px), None where the image fits in one tile."""
+        if not settings.tile_vae or max(size) <= settings.vae_tile_size:
+            return None, None
+        return settings.vae_tile_size, settings.vae_tile_size // self.factor
+
+    @torch.no_grad()
+    def stage1(self, lq: torch.Tensor, settings: RestoreSettings) -> Stage1:
+        enc_tile, dec_tile = self._vae_tiles(settings, lq.shape[-2:])
+        with self._running(self.vae):
+            z_lq = self.vae.encode(lq.to(self.device), denoise=True, tile=enc_tile)
+            x_stage1 = self.vae.decode(z_lq, tile=dec_tile)
+        return Stage1(z_lq, x_stage1)
+
+    @torch.no_grad()
+    def sample(self, st1: Stage1, settings: RestoreSettings, generator: torch.Generator,
+               on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """One restored latent. Random draws, in SUPIR's order: the posterior sample of z_stage1, the start
+        noise, then the sampler's own (churn / SDE) noise."""
+        enc_tile, _ = self._vae_tiles(settings, st1.x_stage1.shape[-2:])
+        with self._running(self.vae):
+            z_stage1 = self.vae.encode(st1.x_stage1, sample=True, generator=generator, tile=enc_tile)
+        noise = torch.randn(st1.z_lq.shape, generator=generator, device=generator.device).to(self.device)
+        cond, uncond = self.conditioning(settings, st1.z_lq)
+
+        def callback(i, info):
+            if not torch.isfinite(info["x"]).all():
+                raise RestoreError(f"NaN/inf in the latent at sampling step {i + 1}"
+                                   + (" (fp16 overflow? try --dtype bf16 or fp32)" if self.dtype == torch.float16 else ""))
+            if on_step is not None:
+                on_step(i + 1, settings.steps)
+
+        latent_px = lambda v: None if v is None else v // self.factor  # noqa: E731
+        tiles = dict(tile_size=latent_px(settings.tile_size), tile_stride=latent_px(settings.tile_stride))
+        common = dict(num_steps=settings.steps, cfg_scale=settings.cfg, cfg_scale_start=settings.cfg_start,
+                      control_scale=settings.control_scale, generator=generator, callback=callback, **tiles)
+        with self._running(self.unet):
+            if settings.sampler == "edm":
+                return sample_restore_edm(self.denoiser, noise, z_stage1, cond, uncond, s_churn=settings.s_churn,
+                                          s_noise=settings.s_noise, restore_cfg=settings.restore_cfg,
+                                          control_scale_start=settings.control_start, **common)
+            if settings.sampler == "dpmpp2m":
+                return sample_restore_dpmpp2m(self.denoiser, noise, cond, uncond, eta=settings.eta,
+                                              s_noise=settings.s_noise, **common)
+            # Lightning models are distilled without CFG: at scale 1 skip the unconditional half entirely
+            guided = settings.cfg != 1.0 or settings.cfg_start not in (None, 1.0)
+            return sample_lightning(self.denoiser, noise, z_stage1, cond, uncond if guided else None,
+                                    restore_cfg=settings.restore_cfg, control_scale_start=settings.control_start,
+                                    **common)
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor, st1: Stage1, settings: RestoreSettings) -> torch.Tensor:
+        _, dec_tile = self._vae_tiles(settings, st1.x_stage1.shape[-2:])
+        with self._running(self.vae):
+            x = self.vae.decode(latent, tile=dec_tile)
+        if not torch.isfinite(x).all():
+            raise RestoreError("NaN/inf in the decoded image (VAE overflow? use --vae-dtype bf16 or fp32)")
+        if settings.color_fix == "wavelet":
+            x = colorfix.wavelet_reconstruction(x, st1.x_stage1)
+        elif settings.color_fix == "adain":
+            x = colorfix.adaptive_instance_normalization(x, st1.x_stage1)
+        return x.clamp(-1.0, 1.0)
+
+    def restore_samples(self, image: Image.Image, settings: RestoreSettings = QUALITY, seed: int = 1234,
+                        on_step: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+        """`settings.num_samples` restorations of `image`; sample k uses seed + k (one at a time, so memory
+        does not grow with the number of samples; stage 1 is shared)."""
+        check_size(*image.size, settings)
+        prepared = prepare(image, settings)
+        st1 = self.stage1(prepared.lq, settings)
+        results = []
+        for k in range(settings.num_samples):
+            generator = torch.Generator("cpu").manual_seed(seed + k)
+            latent = self.sample(st1, settings, generator, on_step)
+            results.append(finish(self.decode(latent, st1, settings), prepared))
+        return results
+
+    def restore(self, image: Image.Image, settings: RestoreSettings = QUALITY, seed: int = 1234,
+                on_step: Callable[[int, int], None] | None = None) -> Image.Image:
+        """The restoration of `image` with `seed` (the first of `restore_samples`)."""
+        return self.restore_samples(image, replace(settings, num_samples=1), seed, on_step)[0]
