@@ -137,8 +137,8 @@ def add_poisson_noise(img: torch.Tensor, scale, generator: torch.Generator, gray
 
 
 def jpeg(img: torch.Tensor, quality) -> torch.Tensor:
-    """JPEG round trip through pillow (libjpeg, 4:2:0 chroma subsampling) at an integer quality in [1, 95];
-    one quality for the batch or one per image. The result is on 8-bit levels."""
+    """JPEG round trip through pillow (libjpeg, 4:2:0 chroma subsampling) at a quality in [1, 100] (rounded);
+    one quality for the batch or one per image. Values are clipped to [0, 1]; the result is on 8-bit levels."""
     qualities = [quality] * img.shape[0] if np.isscalar(quality) else list(quality)
     out = []
     for x, q in zip(to_uint8(img), qualities):
@@ -176,7 +176,6 @@ def apply_setting(img: torch.Tensor, setting: Setting, generator: torch.Generato
         x = downsample(x, setting.scale, setting.downsample)
     if setting.noise_sigma > 0:
         x = add_gaussian_noise(x, setting.noise_sigma / 255, generator)
-    x = x.clamp(0, 1)
     if setting.jpeg_quality is not None:
         x = jpeg(x, setting.jpeg_quality)
     return quantize(x)
@@ -249,6 +248,7 @@ def random_kernel(draw: _Draw, cfg: RealESRGANConfig, sigma_range, sinc_prob: fl
         sigma_x = draw.uniform(*sigma_range)
         sigma_y, theta = (draw.uniform(*sigma_range), draw.uniform(-math.pi, math.pi)) if "aniso" in kind \
             else (sigma_x, 0.0)
+        # (the x4plus config uses the same beta ranges in both stages)
         beta_range = cfg.betag_range if kind.startswith("generalized") else cfg.betap_range
         # half of the draws below 1 (heavier tails), half above (flatter top), as Real-ESRGAN does
         beta = 1.0 if kind in ("iso", "aniso") else \
@@ -265,10 +265,17 @@ def _random_noise(x, draw: _Draw, generator, gaussian_prob, sigma_range, poisson
     return (add_gaussian_noise if gaussian else add_poisson_noise)(x, strength, generator, gray)
 
 
-def _random_resize_factor(draw: _Draw, probs, value_range) -> float:
+def _random_scale(draw: _Draw, probs, value_range) -> float:
+    """Up (in [1, max]), down (in [min, 1]) or keep (1), with probabilities `probs`."""
     direction = draw.choice(("up", "down", "keep"), probs)
-    return {"up": lambda: draw.uniform(1.0, value_range[1]), "down": lambda: draw.uniform(value_range[0], 1.0),
-            "keep": lambda: 1.0}[direction]()
+    if direction == "up":
+        return draw.uniform(1.0, value_range[1])
+    return draw.uniform(value_range[0], 1.0) if direction == "down" else 1.0
+
+
+def _resize_and_sinc(x: torch.Tensor, size, mode: str, kernel: torch.Tensor | None) -> torch.Tensor:
+    x = resize(x, size, mode, antialias=False)
+    return x if kernel is None else filter2d(x, kernel)
 
 
 def realesrgan_degrade(img: torch.Tensor, generator: torch.Generator, cfg: RealESRGANConfig = REALESRGAN):
@@ -286,27 +293,25 @@ def realesrgan_degrade(img: torch.Tensor, generator: torch.Generator, cfg: RealE
             if draw.uniform() < cfg.final_sinc_prob else None
         # stage 1
         x = filter2d(x, k1)
-        f = _random_resize_factor(draw, cfg.resize_prob, cfg.resize_range)
+        f = _random_scale(draw, cfg.resize_prob, cfg.resize_range)
         x = resize(x, (max(1, int(x.shape[-2] * f)), max(1, int(x.shape[-1] * f))), draw.choice(RESIZE_MODES),
                    antialias=False)
         x = _random_noise(x, draw, generator, cfg.gaussian_noise_prob, cfg.noise_range,
                           cfg.poisson_scale_range, cfg.gray_noise_prob)
-        x = jpeg(x.clamp(0, 1), draw.uniform(*cfg.jpeg_range))
+        x = jpeg(x, draw.uniform(*cfg.jpeg_range))
         # stage 2
         if draw.uniform() < cfg.second_blur_prob:
             x = filter2d(x, k2)
-        f = _random_resize_factor(draw, cfg.resize_prob2, cfg.resize_range2)
+        f = _random_scale(draw, cfg.resize_prob2, cfg.resize_range2)
         x = resize(x, (max(1, int(h / s * f)), max(1, int(w / s * f))), draw.choice(RESIZE_MODES), antialias=False)
         x = _random_noise(x, draw, generator, cfg.gaussian_noise_prob2, cfg.noise_range2,
                           cfg.poisson_scale_range2, cfg.gray_noise_prob2)
         # final resize + sinc and JPEG, in random order
         resize_first, mode, quality = draw.uniform() < 0.5, draw.choice(RESIZE_MODES), draw.uniform(*cfg.jpeg_range2)
-        for step in ("resize", "jpeg") if resize_first else ("jpeg", "resize"):
-            if step == "resize":
-                x = resize(x, (h // s, w // s), mode, antialias=False)
-                x = filter2d(x, final_sinc) if final_sinc is not None else x
-            else:
-                x = jpeg(x.clamp(0, 1), quality)
+        if resize_first:
+            x = jpeg(_resize_and_sinc(x, (h // s, w // s), mode, final_sinc), quality)
+        else:
+            x = _resize_and_sinc(jpeg(x, quality), (h // s, w // s), mode, final_sinc)
         out.append(quantize(x))
     return torch.cat(out)
 
@@ -385,6 +390,8 @@ def main(argv=None) -> int:
 
     if not args.input.is_dir():
         return _fail(f"input folder {args.input} does not exist")
+    if args.out.resolve() == args.input.resolve():
+        return _fail("--out must differ from --in (the LQ PNGs would overwrite the ground truth)")
     files = sorted(p for p in args.input.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         return _fail(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {args.input}")

@@ -21,6 +21,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -145,7 +146,8 @@ class LoRALayer(nn.Module):
         a, w = self.lora[name], self.weight
         delta = a.delta(a.multiplier)
         merged = (w.to(delta.dtype) + delta).to(w.dtype)
-        wrong = ((merged.to(delta.dtype) - delta).to(w.dtype) != w).flatten().nonzero().squeeze(1)
+        # int32 positions: the record stays a fraction of a weight copy (1-10 % of entries for typical deltas)
+        wrong = ((merged.to(delta.dtype) - delta).to(w.dtype) != w).flatten().nonzero().squeeze(1).int()
         self.merged[name] = _Merge(a.multiplier, w.dtype, wrong, w.flatten()[wrong].clone())
         w.copy_(merged)
 
@@ -161,6 +163,7 @@ class LoRALayer(nn.Module):
         for other in later:
             self.merge(other)
 
+    @torch.no_grad()
     def _pop_merge(self, name: str) -> None:
         m, w = self.merged.pop(name), self.weight
         delta = self.lora[name].delta(m.multiplier)
@@ -170,12 +173,16 @@ class LoRALayer(nn.Module):
         w.copy_(restored)
 
     def remove_adapter(self, name: str, merge: bool = False) -> None:
-        if merge:
+        stack = list(self.merged)
+        for other in reversed(stack):
+            self._pop_merge(other)
+        if merge:  # folded for good: the delta becomes part of the base weight the others merge onto
             self.merge(name)
-            self.merged.pop(name)  # folded for good: W keeps the delta
-        else:
-            self.unmerge(name)
+            self.merged.pop(name)
         del self.lora[name]
+        for other in stack:
+            if other != name:
+                self.merge(other)
 
 
 class LoRALinear(LoRALayer, nn.Linear):
@@ -245,6 +252,7 @@ def inject_lora(module: nn.Module, name: str = "default", rank: int = 16, alpha:
     `dtype`: the adapters' dtype (default: each base weight's), e.g. float32 adapters on a bf16 model.
     Returns the adapted module paths. A pattern that matches no adaptable layer is an error (a typo).
     """
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
     paths, unused = [], set(targets)
     for path, layer in module.named_modules():
         hit = [t for t in targets if _matches(path, t)]
@@ -350,6 +358,9 @@ def unet_diffusers_names(cfg: UNetConfig) -> dict[str, str]:
     return names
 
 
+_diffusers_table = lru_cache(maxsize=8)(unet_diffusers_names)  # looked up once per layer while loading
+
+
 def _rename(path: str, table: dict[str, str]) -> str | None:
     """`path` with its longest prefix (whole dotted components) found in `table` replaced; None if none is."""
     parts = path.split(".")
@@ -420,7 +431,7 @@ def _file_names(part: str, part_module: nn.Module, path: str) -> tuple[str | Non
     if part == "unet":
         own = path
         cfg = getattr(part_module, "cfg", None)
-        diffusers = _rename(path, unet_diffusers_names(cfg)) if isinstance(cfg, UNetConfig) else None
+        diffusers = _rename(path, _diffusers_table(cfg)) if isinstance(cfg, UNetConfig) else None
         if diffusers:
             other = [spec.kohya + diffusers.replace(".", "_"), spec.peft + diffusers, diffusers]
     elif part == "te2":
@@ -474,8 +485,8 @@ def lora_state_dict(model: nn.Module, name: str = "default", dtype: torch.dtype 
         if stem is None:
             raise LoRAFileError(f"{layer_path} has no name in kohya's format (it is not under "
                                 f"{', '.join(p.paths[0] for p in PARTS.values())} or has no Hugging Face name)")
-        out[stem + ".lora_down.weight"] = a.down.detach().to(dtype or a.down.dtype).contiguous()
-        out[stem + ".lora_up.weight"] = a.up.detach().to(dtype or a.up.dtype).contiguous()
+        out[stem + ".lora_down.weight"] = a.down.detach().to("cpu", dtype or a.down.dtype).contiguous()
+        out[stem + ".lora_up.weight"] = a.up.detach().to("cpu", dtype or a.up.dtype).contiguous()
         out[stem + ".alpha"] = torch.tensor(a.alpha, dtype=torch.float32)
     if not out:
         raise KeyError(f"no LoRA adapter named {name!r}")
@@ -516,9 +527,12 @@ def save_lora(model: nn.Module, path: str | Path, name: str = "default", metadat
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, safetensors metadata) of a LoRA file."""
+    """(tensors, safetensors metadata) of a LoRA file (.safetensors, or an old .pt / .ckpt: no metadata)."""
     from safetensors import safe_open
 
+    if Path(path).suffix != ".safetensors":
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, {}
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
@@ -550,29 +564,36 @@ def load_lora(model: nn.Module, path: str | Path | dict, name: str = "default", 
     tensors, metadata = read_lora(path) if not isinstance(path, dict) else (path, {})
     parts = model_parts(model)
     lookup: dict[str, tuple[str, str]] = {}  # key stem in any naming -> (part, layer path under model)
+    example = ""
     for part, root in parts.items():
         part_module = model.get_submodule(root)
         for rel, layer in part_module.named_modules():
             if rel and _adaptable(layer):
-                for stem in _file_names(part, part_module, rel)[1]:
+                own, stems = _file_names(part, part_module, rel)
+                example = example or own or ""
+                for stem in stems:
                     lookup[stem] = (part, f"{root}.{rel}" if root else rel)
 
     groups: dict[str, dict[str, torch.Tensor]] = {}
-    unknown, unmatched = [], []
+    unknown, fused, unmatched = [], [], []
     for key, value in tensors.items():
         split = _split_key(key)
         if split is None:
             unknown.append(key)
-        elif split[0] not in lookup:
-            unmatched.append(key)
-        else:
+        elif split[0] in lookup:
             groups.setdefault(split[0], {})[split[1]] = value
+        elif "te2" in parts and re.search(r"^(lora_te2_|text_encoder_2\.).*self_attn[._][qkv]_proj$", split[0]):
+            fused.append(key)
+        else:
+            unmatched.append(key)
     problems = []
     if unknown:
         problems.append(f"{len(unknown)} keys of a kind we do not load (only plain LoRA down/up/alpha; no LoCon "
                         f"mid, LoHa, LoKr, DoRA, bias diffs): {_few(unknown)}")
+    if fused:
+        problems.append(f"{len(fused)} keys adapt bigG's q/k/v projections, which live in one fused in_proj_weight "
+                        f"with no Linear layer to wrap: {_few(fused)}")
     if unmatched:
-        example = next(iter(lookup), "?")
         problems.append(f"{len(unmatched)} keys match no layer of this model (parts present: {sorted(parts)}; "
                         f"expected names like {example}): {_few(unmatched)}")
     if problems and strict:

@@ -95,6 +95,8 @@ class RestoreSettings:
             v = getattr(self, name)
             if v is not None and (v <= 0 or v % 64):
                 problems.append(f"{name} must be a positive multiple of 64 px, not {v}")
+        if self.vae_tile_size < 256:  # the tiled VAE adds 32 px (encoder) / 64 px (decoder) of context per side
+            problems.append(f"vae_tile_size must be at least 256 px, not {self.vae_tile_size}")
         if self.tile_stride is not None and (self.tile_size is None or self.tile_stride > self.tile_size):
             problems.append("tile_stride needs tile_size and must not exceed it")
         if problems:

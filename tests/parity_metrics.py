@@ -11,11 +11,6 @@ def check_lpips_alex(fx: Fixture):
         model = LPIPS()
     model.load_state_dict(lpips_state_dict(fx.weights), strict=True, assign=True)
     model.eval()
-    # The fixture keys its tolerances by output family ("lpips", "layer"); `lpips_normalize` and `self` are
-    # LPIPS distances as well, so they get the "lpips" tolerance.
-    tolerances = fx.config["tolerances"]
-    for family in ("lpips_normalize", "self"):
-        tolerances.setdefault(family, tolerances["lpips"])
     pairs = sorted({name.split(".")[0] for name in fx.inputs})
     with torch.no_grad():
         for i in pairs:

@@ -99,7 +99,7 @@ def test_jpeg_is_pillow(astronaut):
     assert torch.equal(jpeg(x, 40)[0], ref)
 
 
-def test_cli_writes_lq_set(tmp_path, patch, capsys):
+def test_cli_writes_lq_set(tmp_path, patch):
     gt_dir, lq_dir = tmp_path / "gt", tmp_path / "lq"
     gt_dir.mkdir()
     for name, crop in [("a.png", patch), ("b.jpg", patch[..., :64, :80])]:

@@ -31,6 +31,16 @@ def unet_inputs(seed=0):
             torch.randn(1, 4, TINY.context_dim, generator=g), torch.randn(1, TINY.adm_in_channels, generator=g))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # These models are tiny: a second intra-op thread only adds synchronisation, which costs seconds per
+    # forward when the CPU is shared with other jobs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def base_unet():
     torch.manual_seed(0)
@@ -71,6 +81,15 @@ def test_merge_matches_adapter_path_and_unmerge_restores_weight_exactly(dtype):
             torch.testing.assert_close(layer(x), y, atol=tol, rtol=tol)
             unmerge_lora(holder)
         assert torch.equal(layer.weight, w0), "unmerge must restore W bit for bit"
+
+        # Folding b for good while a stays merged: unmerging a later leaves exactly W0 + delta_b.
+        reference = copy.deepcopy(holder)
+        remove_lora(reference, "b", merge=True)
+        merge_lora(holder, "a")
+        merge_lora(holder, "b")
+        remove_lora(holder, "b", merge=True)
+        unmerge_lora(holder, "a")
+        assert torch.equal(holder[0].weight, reference[0].weight) and not torch.equal(holder[0].weight, w0)
 
 
 def test_bf16_merge_needs_and_keeps_the_rounding_fixups():
@@ -332,6 +351,9 @@ def test_whole_tree_parts_text_towers_and_control(tmp_path):
                 "lora_te2_text_model_encoder_layers_1_mlp_fc1.alpha"):
         assert key in keys
     assert not any("project_modules" in k for k in keys), "SUPIR's connectors are not SDXL attention"
+    qkv = {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 64)}
+    with pytest.raises(LoRAFileError, match="fused in_proj_weight"):
+        load_lora(base, qkv, "qkv")
     loaded = load_lora(base, path, "all")
     assert sorted(loaded) == sorted(lora_layers(tree))
     assert "conditioner.embedders.1.model.transformer.resblocks.1.mlp.c_fc" in loaded
@@ -345,23 +367,24 @@ def test_whole_tree_parts_text_towers_and_control(tmp_path):
 
 def test_bf16_autocast_and_bf16_weights(base_unet):
     unet = copy.deepcopy(base_unet)
-    inject_lora(unet, "a", rank=4, targets=TRANSFORMER, dtype=torch.float32)
+    inject_lora(unet, "a", rank=4, targets=TRANSFORMER)
     randomize_up(unet, "a")
     args = unet_inputs()
     with torch.no_grad():
         ref = unet(*args)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = unet(*args)
-    assert torch.isfinite(y).all()
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
     assert (y.float() - ref).abs().max() < 0.05 * ref.abs().max()
 
     # bf16 base weights with float32 adapters, trained under autocast: gradients reach the adapters only
-    unet = copy.deepcopy(base_unet).to(torch.bfloat16).requires_grad_(False)
-    inject_lora(unet, "a", rank=4, targets=ATTENTION, dtype=torch.float32)
-    randomize_up(unet, "a")
+    bf16 = copy.deepcopy(base_unet).to(torch.bfloat16).requires_grad_(False)
+    inject_lora(bf16, "a", rank=4, targets=TRANSFORMER, dtype=torch.float32)
+    bf16.load_state_dict(unet.state_dict())  # the same adapters; the base weights are cast to bf16
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = unet(*(t.to(torch.bfloat16) if t.is_floating_point() else t for t in args))
+        out = bf16(*(t.to(torch.bfloat16) if t.is_floating_point() else t for t in args))
     out.float().square().mean().backward()
-    params = lora_parameters(unet, "a")
+    params = lora_parameters(bf16, "a")
     assert all(p.dtype == torch.float32 and p.grad is not None for p in params)
-    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+    assert not any(p.requires_grad for n, p in bf16.named_parameters() if ".lora." not in n)
+    assert (out.detach().float() - ref).abs().max() < 0.05 * ref.abs().max()

@@ -1,0 +1,279 @@
+"""Restore photos with SUPIR.
+
+    python sample.py --image photo.jpg --out outputs/                 # SUPIR v0Q, Quality settings
+    python sample.py --image photos/ --fidelity --upscale 2           # a folder, v0F, 2x
+    python sample.py --image 'scans/*.png' --sampler dpmpp2m          # Lightning settings (8 steps)
+    python sample.py --model tiny --image photo.jpg --min-size 128 --steps 4   # smoke test, random weights
+
+Each result is a PNG holding every setting in its metadata (pipeline.read_png_info). Under torchrun each
+rank restores its share of the sorted image list. See README "Restore a photo" for every option.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from mini_supir import pipeline, supir
+from mini_supir.pipeline import ImageError, RestoreError, RestoreSettings, Restorer
+
+OVERRIDES = {  # CLI option -> RestoreSettings field (the rest of the settings come from the preset)
+    "upscale": "upscale", "min_size": "min_size", "steps": "steps", "cfg": "cfg", "cfg_start": "cfg_start",
+    "control_scale": "control_scale", "control_start": "control_start", "restore_cfg": "restore_cfg",
+    "s_churn": "s_churn", "s_noise": "s_noise", "eta": "eta", "positive": "positive", "negative": "negative",
+    "color_fix": "color_fix", "num_samples": "num_samples", "tile_vae": "tile_vae", "vae_tile_size": "vae_tile_size",
+    "tile_size": "tile_size", "tile_stride": "tile_stride",
+}
+
+
+def optional_float(s: str) -> float | None:
+    return None if s.lower() == "none" else float(s)
+
+
+def lora_spec(s: str) -> tuple[str, float]:
+    path, _, scale = s.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (s, 1.0)
+    except ValueError:  # a ':' that is part of the path
+        return s, 1.0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Restore photos with SUPIR.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = p.add_argument_group("input / output")
+    io.add_argument("--image", nargs="+", required=True, help="image files, folders or glob patterns")
+    io.add_argument("--out", default="outputs", help="output folder")
+    io.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist")
+    io.add_argument("--compare", action="store_true", help="also write <name>_compare.png: input | result")
+    io.add_argument("--upscale", type=float, help="result size = input size x upscale (preset: 1)")
+    io.add_argument("--min-size", type=int, help="work at least at this short side, px (preset: 1024)")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--model", choices=sorted(supir.PRESETS), default="sdxl",
+                   help="architecture; tiny / medium without weight files = random weights (smoke test, restores nothing)")
+    m.add_argument("--sdxl", help="SDXL single file: path, registry name or repo_id/filename (default: sdxl)")
+    m.add_argument("--supir", help="SUPIR file: path, Q, F or repo_id/filename (default: Q, F with --fidelity)")
+    m.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="FILE[:SCALE]",
+                   help="LoRA merged into the model (repeatable)")
+    m.add_argument("--dtype", choices=["auto", *pipeline.DTYPES], default="auto",
+                   help="UNet / text encoders (auto: fp16 on GPU, fp32 on CPU)")
+    m.add_argument("--vae-dtype", choices=["auto", *pipeline.DTYPES], default="auto",
+                   help="VAE (auto: bf16 on CUDA, else fp32; fp16 is refused: it overflows)")
+    m.add_argument("--device", default="auto", help="auto, cuda, cuda:1, mps or cpu")
+    m.add_argument("--offload", action="store_true", help="move each part to the GPU only while it runs")
+
+    s = p.add_argument_group("sampling (defaults from the preset)")
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument("--quality", dest="mode", action="store_const", const="quality",
+                      help="SUPIR v0Q, cfg 7.5, cfg start 4 (default)")
+    mode.add_argument("--fidelity", dest="mode", action="store_const", const="fidelity",
+                      help="SUPIR v0F, cfg 4, cfg start 1")
+    s.add_argument("--sampler", choices=pipeline.SAMPLERS, default="edm",
+                   help="edm: SUPIR's restore EDM; dpmpp2m: its Lightning config; lightning: Euler, trailing steps")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--cfg", type=float, help="text guidance at the end of sampling (sigma 0)")
+    s.add_argument("--cfg-start", type=optional_float, help="guidance at the start (sigma max); none = constant")
+    s.add_argument("--control-scale", type=float, help="strength of the LQ control at the end")
+    s.add_argument("--control-start", type=optional_float, help="control strength at the start; none = constant")
+    s.add_argument("--restore-cfg", type=float, help="pull towards the stage-1 latent; <= 0 off (SUPIR's demo: -1)")
+    s.add_argument("--s-churn", type=float)
+    s.add_argument("--s-noise", type=float)
+    s.add_argument("--eta", type=float, help="DPM++ SDE noise (dpmpp2m)")
+    s.add_argument("--prompt", default="", help="description used where no <name>.txt caption sits beside an image")
+    s.add_argument("--positive", help="quality prompt appended to the description (default: SUPIR's)")
+    s.add_argument("--negative", help="negative prompt (default: SUPIR's)")
+    s.add_argument("--seed", type=int, default=1234, help="sample k of an image uses seed + k")
+    s.add_argument("--num-samples", type=int)
+    s.add_argument("--color-fix", choices=pipeline.COLOR_FIXES)
+
+    t = p.add_argument_group("tiling (large images)")
+    t.add_argument("--tile-vae", action="store_true", default=None, help="encode / decode in tiles")
+    t.add_argument("--vae-tile-size", type=int, help="VAE tile, px (preset: 512)")
+    t.add_argument("--tile-size", type=int, help="sample in overlapping tiles of this many px (SUPIR: 1024)")
+    t.add_argument("--tile-stride", type=int, help="tile stride, px (default: tile size / 2)")
+    args = p.parse_args(argv)
+    args.mode = args.mode or "quality"
+    return args
+
+
+def settings_from(args: argparse.Namespace) -> RestoreSettings:
+    settings = pipeline.preset(args.mode, args.sampler)
+    given = {field: getattr(args, opt) for opt, field in OVERRIDES.items() if getattr(args, opt) is not None}
+    if args.tile_size is not None and args.tile_stride is None:
+        given["tile_stride"] = args.tile_size // 2 // 64 * 64 or 64
+    return replace(settings, **given)
+
+
+def find_images(specs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """(sorted unique image files, [(spec, problem)]). Folders give their files with image extensions;
+    files named explicitly are all tried (a non-image among them is reported when opened)."""
+    extensions = {e for e, f in Image.registered_extensions().items() if f in Image.OPEN}
+    found, errors = set(), []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            found |= {f for f in path.iterdir() if f.is_file() and f.suffix.lower() in extensions}
+        elif path.exists() or not glob.has_magic(spec):
+            found.add(path)  # a missing file is reported by open_image, in the image loop
+        else:
+            matches = [Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file()]
+            found |= set(matches)
+            if not matches:
+                errors.append((spec, "no file matches"))
+    return sorted(found, key=str), errors
+
+
+def output_names(files: list[Path]) -> dict[Path, str]:
+    """Output stem per input: its stem, or stem_ext where two inputs share a stem (a.jpg, a.png)."""
+    stems = {}
+    for f in files:
+        stems.setdefault(f.stem, []).append(f)
+    return {f: f.stem if len(group) == 1 else f"{f.stem}_{f.suffix.lstrip('.')}" for group in stems.values() for f in group}
+
+
+def outputs_for(stem: str, out: Path, settings: RestoreSettings, compare: bool) -> list[Path]:
+    names = [stem] if settings.num_samples == 1 else [f"{stem}_{k}" for k in range(settings.num_samples)]
+    return [out / f"{n}.png" for n in names] + ([out / f"{n}_compare.png" for n in names] if compare else [])
+
+
+def caption_for(image: Path) -> str | None:
+    caption = image.with_suffix(".txt")
+    return caption.read_text(encoding="utf-8").strip() if caption.is_file() else None
+
+
+def side_by_side(before: Image.Image, after: Image.Image) -> Image.Image:
+    """Input (bicubic-resized to the result's size) left, result right."""
+    after = after.convert("RGB")
+    canvas = Image.new("RGB", (2 * after.width, after.height))
+    canvas.paste(before.convert("RGB").resize(after.size, Image.BICUBIC), (0, 0))
+    canvas.paste(after, (after.width, 0))
+    return canvas
+
+
+def check_writable(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+        pass
+
+
+def build_restorer(args: argparse.Namespace, device: str) -> tuple[Restorer, dict]:
+    cfg = supir.PRESETS[args.model]
+    placement = dict(device=device, dtype=args.dtype, vae_dtype=args.vae_dtype, offload=args.offload)
+    if args.model != "sdxl" and args.sdxl is None and args.supir is None:
+        restorer = Restorer.random(cfg, seed=0, loras=tuple(args.lora), **placement)
+        weights = {"weights": f"random {args.model} (seed 0)"}
+    else:
+        if args.model != "sdxl" and (args.sdxl is None or args.supir is None):
+            raise ValueError("--model tiny / medium with weight files needs both --sdxl and --supir")
+        sdxl = args.sdxl or "sdxl"
+        supir_file = args.supir or ("F" if args.mode == "fidelity" else "Q")
+        restorer = Restorer.from_files(sdxl, supir_file, cfg, loras=tuple(args.lora), **placement)
+        weights = {"sdxl": str(sdxl), "supir": str(supir_file)}
+    return restorer, {**weights, "model": args.model, "loras": [[str(f), s] for f, s in args.lora],
+                      "dtype": str(restorer.dtype).removeprefix("torch."),
+                      "vae_dtype": str(restorer.vae_dtype).removeprefix("torch.")}
+
+
+def fail(what, problem) -> None:
+    tqdm.write(f"error: {what}: {problem}", file=sys.stderr)
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    Image.MAX_IMAGE_PIXELS = pipeline.MAX_INPUT_PIXELS  # we check sizes ourselves, from the header
+    try:
+        settings = settings_from(args)
+        pipeline.pick_dtypes(pipeline.pick_device("cpu"), args.dtype, args.vae_dtype)  # refuse fp16 VAE now
+    except ValueError as e:
+        fail("settings", one_line(e))
+        return 2
+
+    files, errors = find_images(args.image)
+    for spec, problem in errors:
+        fail(spec, problem)
+    # torchrun: every rank sees the same sorted list and takes every world-th file from its rank on
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    names = output_names(files)
+    files = files[rank::world]
+    device = args.device
+    if device == "auto" and world > 1 and pipeline.pick_device().type == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+
+    out = Path(args.out)
+    try:
+        check_writable(out)
+    except OSError as e:
+        fail(out, f"cannot write there ({e.strerror or type(e).__name__})")
+        return 1
+
+    todo = [f for f in files if args.overwrite or not all(p.exists() for p in outputs_for(names[f], out, settings, args.compare))]
+    for f in files:
+        if f not in todo:
+            tqdm.write(f"skip {f}: output exists (--overwrite to redo)", file=sys.stderr)
+    failed = len(errors)
+    prompts = {}  # the caption beside an image wins over --prompt
+    for f in list(todo):
+        try:
+            caption = caption_for(f)
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f.with_suffix(".txt"), f"unreadable caption ({one_line(e)})")
+            todo.remove(f)
+            failed += 1
+            continue
+        prompts[f] = (caption, "caption") if caption is not None else (args.prompt, "--prompt" if args.prompt else None)
+    if not todo:
+        return 1 if failed else 0
+
+    try:
+        restorer, model_info = build_restorer(args, device)
+        restorer.encode_prompts([replace(settings, prompt=p).positive_text for p, _ in prompts.values()] + [settings.negative])
+        restorer.free_text_encoders()
+    except Exception as e:  # missing / wrong weights, bad LoRA: nothing can run
+        named = [args.supir, args.sdxl, *(str(f) for f, _ in args.lora)]
+        what = next((a for a in named if a and Path(a).name in str(e)), "model")
+        fail(what, one_line(e))
+        return 1
+
+    for f in tqdm(todo, desc="images", unit="img", disable=None, position=rank if world > 1 else None):
+        t0 = time.time()
+        try:
+            image = pipeline.open_image(f, settings)
+            prompt, source = prompts[f]
+            s = replace(settings, prompt=prompt)
+            with tqdm(total=s.steps * s.num_samples, desc=f.name, unit="step", leave=False, disable=None) as bar:
+                results = restorer.restore_samples(image, s, args.seed, on_step=lambda i, n: bar.update(1))
+            paths = outputs_for(names[f], out, s, False)
+            for k, (result, path) in enumerate(zip(results, paths)):
+                info = {"settings": s.to_dict(), "seed": args.seed + k, "sample": k, "source": str(f),
+                        "prompt_from": source, **model_info}
+                pipeline.save_png(result, path, info)
+                if args.compare:
+                    pipeline.save_png(side_by_side(image, result), path.with_name(f"{path.stem}_compare.png"), info)
+            tqdm.write(f"wrote {', '.join(str(p) for p in paths)} ({time.time() - t0:.1f} s)", file=sys.stderr)
+        except (ImageError, RestoreError, OSError) as e:
+            fail(f, one_line(e))
+            failed += 1
+        except Exception as e:  # noqa: BLE001 — one bad image must not stop the batch
+            if type(e).__name__ == "OutOfMemoryError":
+                fail(f, "out of GPU memory (try --offload, --tile-vae, --tile-size 1024)")
+            else:
+                fail(f, f"{type(e).__name__}: {one_line(e)}")
+            failed += 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
