@@ -261,6 +261,9 @@ def inject_lora(module: nn.Module, name: str = "default", rank: int = 16, alpha:
             unused -= set(hit)
     if unused:
         raise ValueError(f"LoRA targets matched no nn.Linear / nn.Conv2d: {sorted(unused)}")
+    taken = [p for p, _ in paths if name in getattr(module.get_submodule(p), "lora", {})]
+    if taken:
+        raise ValueError(f"adapter {name!r} already exists on {_few(taken, 3)}; remove_lora it or pick another name")
     for path, target in paths:
         _wrapped(module, path).add_adapter(name, rank, alpha, dropout, dtype).target = target
     return [p for p, _ in paths]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -185,20 +187,31 @@ def open_image(path: str | Path, settings: RestoreSettings = QUALITY) -> Image.I
     if path.is_dir():
         raise ImageError("is a directory")
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey bottom half
+    limit = Image.MAX_IMAGE_PIXELS
     try:
-        im = Image.open(path)  # reads the header only
+        with warnings.catch_warnings():
+            # PIL's decompression-bomb guard at our limit; check_size below gives the clearer message
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
+            im = Image.open(path)  # reads the header only
     except Image.DecompressionBombError as e:
         raise ImageError(str(e)) from None
     except (Image.UnidentifiedImageError, OSError) as e:
         raise ImageError(f"not an image ({type(e).__name__})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     with im:
         w, h = im.size
-        if im.getexif().get(0x0112) in _TRANSPOSED:
+        try:
+            orientation = im.getexif().get(0x0112)
+        except Exception:  # noqa: BLE001 — broken metadata is common; a broken image fails in load() below
+            orientation = None
+        if orientation in _TRANSPOSED:
             w, h = h, w
         check_size(w, h, settings)
         try:
             im.load()
-        except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for broken data
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:  # PIL raises any of them for broken data
             raise ImageError(f"cannot decode: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         return ImageOps.exif_transpose(im)
 

@@ -1,0 +1,185 @@
+"""sample.py end to end on a tiny random SUPIR saved in the official two-file layout (SDXL + SUPIR)."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import sample  # noqa: E402
+from mini_supir import lora, pipeline, supir  # noqa: E402
+from mini_supir.pipeline import RestoreSettings  # noqa: E402
+
+SUPIR_PREFIXES = ("model.control_model.", "model.diffusion_model.project_modules.", "first_stage_model.denoise_encoder.")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: per-op overhead dominates (see test_pipeline.py)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Tiny random SDXL + SUPIR files, a SUPIR file with a NaN, and a LoRA for the tiny UNet."""
+    d = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    model = supir.build(supir.TINY, "cpu")
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file({k: v for k, v in sd.items() if not k.startswith(SUPIR_PREFIXES)}, d / "sdxl.safetensors")
+    supir_sd = {k: v for k, v in sd.items() if k.startswith(SUPIR_PREFIXES)}
+    save_file(supir_sd, d / "supir.safetensors")
+    nan = dict(supir_sd)
+    key = "model.control_model.input_hint_block.0.weight"
+    nan[key] = nan[key].clone().fill_(float("nan"))
+    save_file(nan, d / "nan.safetensors")
+    lora.inject_lora(model.model.diffusion_model, "style", rank=4, targets=lora.ATTENTION)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model.model.diffusion_model, "style"):
+            p.normal_(0, 0.5)
+    lora.save_lora(model, d / "style.safetensors", "style")
+    return d
+
+
+@pytest.fixture
+def images(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in (("a.png", (64, 64)), ("b.jpg", (64, 48)), ("c.png", (48, 64))):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(d / name)
+    (d / "b.txt").write_text("a brick wall\n")
+    (d / "notes.md").write_text("not an image, and not picked up from a folder")
+    return d
+
+
+def run(capsys, weights, *argv, model=True):
+    extra = ["--model", "tiny", "--sdxl", str(weights / "sdxl.safetensors"),
+             "--supir", str(weights / "supir.safetensors")] if model else []
+    code = sample.main([*map(str, argv), "--min-size", "0", "--steps", "2", *extra])
+    return code, capsys.readouterr().err
+
+
+def errors(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+def test_folder_restored_with_settings_in_metadata(capsys, weights, images, tmp_path):
+    out = tmp_path / "out"
+    code, err = run(capsys, weights, "--image", images, "--out", out, "--cfg", "5", "--seed", "7")
+    assert code == 0 and not errors(err)
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "c.png"]  # no temp files left
+    for name, size in (("a", (64, 64)), ("b", (64, 48)), ("c", (48, 64))):
+        assert Image.open(out / f"{name}.png").size == size
+    info = pipeline.read_png_info(out / "b.png")
+    expected = RestoreSettings(min_size=0, steps=2, cfg=5.0, prompt="a brick wall")
+    assert RestoreSettings.from_dict(info["settings"]) == expected
+    assert (info["seed"], info["prompt_from"], info["model"], info["dtype"]) == (7, "caption", "tiny", "float32")
+    assert pipeline.read_png_info(out / "a.png")["settings"]["prompt"] == ""
+
+
+def test_same_seed_same_pixels_and_samples(capsys, weights, images, tmp_path):
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    assert run(capsys, weights, "--image", images / "a.png", "--out", one)[0] == 0
+    assert run(capsys, weights, "--image", images / "a.png", "--out", two, "--num-samples", "2", "--seed", "1233")[0] == 0
+    # sample k uses seed + k: sample 1 of seed 1233 is sample 0 of the default seed 1234
+    assert np.array_equal(np.asarray(Image.open(one / "a.png")), np.asarray(Image.open(two / "a_1.png")))
+    assert not np.array_equal(np.asarray(Image.open(one / "a.png")), np.asarray(Image.open(two / "a_0.png")))
+
+
+def test_skip_existing_unless_overwrite_and_compare(capsys, weights, images, tmp_path):
+    out = tmp_path / "out"
+    assert run(capsys, weights, "--image", images / "a.png", "--out", out)[0] == 0
+    first = (out / "a.png").stat().st_mtime_ns
+    code, err = run(capsys, weights, "--image", images / "a.png", "--out", out)
+    assert code == 0 and "skip" in err and (out / "a.png").stat().st_mtime_ns == first
+    code, err = run(capsys, weights, "--image", images / "a.png", "--out", out, "--compare")  # compare missing
+    assert code == 0 and "skip" not in err
+    compare = Image.open(out / "a_compare.png")
+    assert compare.size == (128, 64)
+    assert np.array_equal(np.asarray(compare)[:, 64:], np.asarray(Image.open(out / "a.png")))
+    code, err = run(capsys, weights, "--image", images / "a.png", "--out", out, "--overwrite")
+    assert code == 0 and (out / "a.png").stat().st_mtime_ns != first
+
+
+def test_bad_inputs_fail_alone(capsys, weights, images, tmp_path):
+    from test_pipeline import png_header
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "text.png").write_text("hello")
+    data = (images / "a.png").read_bytes()
+    (bad / "cut.png").write_bytes(data[:len(data) // 2])
+    png_header(bad / "huge.png", 20000, 20000)
+    out = tmp_path / "out"
+    code, err = run(capsys, weights, "--image", images / "a.png", bad / "missing.png", str(bad / "*.png"),
+                    str(tmp_path / "nothing*.png"), "--out", out)
+    assert code == 1
+    lines = errors(err)
+    assert len(lines) == 5, err
+    for line, problem in zip(sorted(lines), ["cannot decode", "needs tiling", "no such file", "not an image",
+                                             "no file matches"]):
+        assert problem in line
+    assert all(str(bad) in line or "nothing" in line for line in lines)
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]  # the good image, nothing half-written
+
+
+def test_unwritable_output_folder(capsys, weights, images, tmp_path):
+    (tmp_path / "file").write_text("")
+    code, err = run(capsys, weights, "--image", images, "--out", tmp_path / "file" / "out")
+    assert code == 1 and errors(err) == [f"error: {tmp_path / 'file' / 'out'}: cannot write there (Not a directory)"]
+
+
+def test_wrong_checkpoint_and_fp16_vae(capsys, weights, images, tmp_path):
+    sdxl = weights / "sdxl.safetensors"
+    code = sample.main(["--image", str(images), "--out", str(tmp_path), "--model", "tiny",
+                        "--sdxl", str(sdxl), "--supir", str(sdxl)])
+    [line] = errors(capsys.readouterr().err)
+    assert code == 1 and line.startswith(f"error: {sdxl}: ") and "not a SUPIR checkpoint" in line
+    code, err = run(capsys, weights, "--image", images, "--out", tmp_path, "--vae-dtype", "fp16")
+    assert code == 2 and "fp16" in errors(err)[0]
+
+
+def test_nan_is_reported_and_nothing_written(capsys, weights, images, tmp_path):
+    out = tmp_path / "out"
+    code = sample.main(["--image", str(images / "a.png"), "--out", str(out), "--model", "tiny", "--min-size", "0",
+                        "--steps", "2", "--sdxl", str(weights / "sdxl.safetensors"), "--supir", str(weights / "nan.safetensors")])
+    [line] = errors(capsys.readouterr().err)
+    assert code == 1 and line.startswith(f"error: {images / 'a.png'}: NaN")
+    assert list(out.iterdir()) == []
+
+
+def test_lora_changes_the_result(capsys, weights, images, tmp_path):
+    assert run(capsys, weights, "--image", images / "a.png", "--out", tmp_path / "plain")[0] == 0
+    code, err = run(capsys, weights, "--image", images / "a.png", "--out", tmp_path / "lora",
+                    "--lora", f"{weights / 'style.safetensors'}:0.5")
+    assert code == 0, err
+    info = pipeline.read_png_info(tmp_path / "lora" / "a.png")
+    assert info["loras"] == [[str(weights / "style.safetensors"), 0.5]]
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "plain" / "a.png")),
+                              np.asarray(Image.open(tmp_path / "lora" / "a.png")))
+
+
+def test_ranks_share_the_images(capsys, weights, images, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    written = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        before = set(out.iterdir()) if out.exists() else set()
+        assert run(capsys, weights, "--image", images, "--out", out)[0] == 0
+        written.append(sorted(p.name for p in set(out.iterdir()) - before))
+    assert written == [["a.png", "c.png"], ["b.png"]]  # sorted list a, b, c: rank r takes files[r::2]
+
+
+def test_random_tiny_model_needs_no_files(capsys, images, tmp_path):
+    code = sample.main(["--model", "tiny", "--image", str(images / "c.png"), "--out", str(tmp_path),
+                        "--min-size", "0", "--steps", "1", "--sampler", "dpmpp2m"])
+    assert code == 0
+    info = pipeline.read_png_info(tmp_path / "c.png")
+    assert info["weights"] == "random tiny (seed 0)" and info["settings"]["cfg"] == 2.0  # Lightning preset

@@ -1,0 +1,693 @@
+"""Train a LoRA on SUPIR's UNet for restoration.
+
+    python train.py --data photos/ --lora-rank 16 --out runs/faces           # SDXL + SUPIR v0Q, 512 px crops
+    python train.py --data photos/ --model tiny --resolution 64 --max-steps 50 --out /tmp/smoke   # CPU, seconds
+    python -m torch.distributed.run --nproc_per_node 8 train.py --data photos/ ...   # multi-GPU (or gloo on CPU)
+
+Each step: random HQ crops from the folder, degraded online (degrade.py, seeded), and SUPIR's training loss
+(sgm StandardDiffusionLoss with SUPIR's control input):
+
+    x0 = 0.13025 * sample(encoder(HQ))                        the HQ latent (VAE posterior sample)
+    _z = 0.13025 * mode(denoise_encoder(up(LQ)))               the control latent, LQ upsampled to the HQ size
+    sigma ~ DiscreteSampling (uniform over the 1000 LegacyDDPM sigmas) or EDM lognormal
+    D = Denoiser(x0 + sigma n, sigma, {crossattn, vector, control=_z})     eps network, EpsScaling
+    loss = mean(w(sigma) (D - x0)^2),  w = sigma^-2 (EpsWeighting: the eps MSE)  [+ lambda sum ||A||^2 + ||B||^2]
+
+Only the UNet's LoRA adapters train; the UNet, control model, VAE and text encoders stay frozen. Everything a
+run writes goes to --out: train_log.csv, loss_curve.png, previews/, checkpoint.pt (--resume continues it
+bit for bit) and, at the end, lora.safetensors in kohya's format. See README "Train a LoRA".
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from mini_supir import degrade, lora, pipeline, supir
+from mini_supir.pipeline import Restorer
+from mini_supir.sampler import Denoiser, denoiser_sigmas
+
+TARGETS = {"attention": lora.ATTENTION, "transformer": lora.TRANSFORMER}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train a restoration LoRA for SUPIR.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--data", required=True, type=Path, help="folder of HQ images, optional <name>.txt captions")
+    d.add_argument("--resolution", type=int, default=512, help="square random crop, px (SUPIR: 512)")
+    d.add_argument("--degradation", default="sr4-blur2", choices=sorted(DEGRADATIONS),
+                   help="online degradation (degrade.SETTINGS): sr4-blur2 = the paper's blur 2 + x4; realesrgan")
+    d.add_argument("--caption-dropout", type=float, default=0.05, help="chance a caption is replaced by ''")
+    d.add_argument("--default-caption", default="", help="caption of images without a <name>.txt")
+    d.add_argument("--workers", type=int, default=2, help="data loader processes (0: load in the main one)")
+    d.add_argument("--cache-latents", action="store_true",
+                   help="crop, degrade and VAE-encode each image once, up front (fast; no fresh crops/degradations)")
+    d.add_argument("--cache-text", action="store_true",
+                   help="encode every caption once, up front, then free the text encoders")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--model", choices=sorted(supir.PRESETS), default="sdxl",
+                   help="architecture; tiny / medium without weight files = seeded random weights (smoke test)")
+    m.add_argument("--sdxl", help="SDXL single file: path, registry name or repo_id/filename (default: sdxl)")
+    m.add_argument("--supir", help="SUPIR file: path, Q, F or repo_id/filename (default: Q)")
+    m.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="frozen weights and autocast (auto: bf16 on CUDA, fp32 elsewhere); LoRA stays fp32")
+    m.add_argument("--device", default="auto", help="auto, cuda, cuda:1 or cpu (torchrun: cuda:LOCAL_RANK)")
+    m.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet blocks in backward")
+
+    a = p.add_argument_group("LoRA")
+    a.add_argument("--lora-rank", type=int, default=16)
+    a.add_argument("--lora-alpha", type=float, help="default: the rank (adapter multiplier 1)")
+    a.add_argument("--lora-targets", choices=sorted(TARGETS), default="transformer",
+                   help="attention: attn1/attn2 q,k,v,out; transformer: + feed-forward and proj_in/out (kohya)")
+    a.add_argument("--lora-dropout", type=float, default=0.0)
+    a.add_argument("--frobenius", type=float, default=0.0, help="lambda of the penalty lambda sum(|A|^2 + |B|^2)")
+
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--lr", type=float, default=1e-4)
+    o.add_argument("--min-lr", type=float, default=0.0, help="cosine schedule floor")
+    o.add_argument("--warmup-steps", type=int, default=100)
+    o.add_argument("--weight-decay", type=float, default=1e-2)
+    o.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping")
+    o.add_argument("--batch-size", type=int, default=1, help="per process")
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    o.add_argument("--max-steps", type=int, default=2000, help="optimiser steps")
+    o.add_argument("--sigma-sampling", choices=["discrete", "edm"], default="discrete",
+                   help="discrete: uniform LegacyDDPM index (sgm DiscreteSampling); edm: lognormal")
+    o.add_argument("--timestep-range", type=int, nargs=2, default=(0, 999), metavar=("MIN", "MAX"),
+                   help="discrete sampling: index range, inclusive")
+    o.add_argument("--p-mean", type=float, default=-1.2, help="edm: mean of log sigma")
+    o.add_argument("--p-std", type=float, default=1.2, help="edm: std of log sigma")
+    o.add_argument("--ema", type=float, default=0.0, help="EMA decay of the LoRA weights (e.g. 0.999); 0: off")
+    o.add_argument("--seed", type=int, default=0)
+
+    w = p.add_argument_group("output")
+    w.add_argument("--out", type=Path, default=Path("runs/lora"))
+    w.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    w.add_argument("--preview-every", type=int, default=0, help="restore the preview image every N steps; 0: off")
+    w.add_argument("--preview-image", type=Path, help="HQ image to degrade and restore (default: first of --data)")
+    w.add_argument("--preview-steps", type=int, default=8, help="sampler steps of a preview")
+    w.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"], default="fp16", help="of lora.safetensors")
+    w.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT (default: <out>/checkpoint.pt)")
+    args = p.parse_args(argv)
+    args.lora_alpha = args.lora_rank if args.lora_alpha is None else args.lora_alpha
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Degradations: HQ crop (1, 3, R, R) in [0, 1] + a generator -> (LQ at the HQ size, per-pixel loss weight or None)
+
+Degradation = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def restoration_pair(hq: torch.Tensor, generator: torch.Generator, setting: str) -> tuple[torch.Tensor, None]:
+    # SUPIR feeds the LQ image upsampled back to the HQ size to its denoise encoder.
+    return degrade.upsample(degrade.degrade(hq, setting, generator=generator), hq.shape[-2:]), None
+
+
+DEGRADATIONS: dict[str, Degradation] = {name: partial(restoration_pair, setting=name) for name in degrade.SETTINGS}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+def mix(*parts: int) -> int:
+    """A 63-bit seed from integers (numpy's SeedSequence hashing: nearby inputs give unrelated seeds)."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def scan_folder(folder: Path, default_caption: str, warn: bool) -> tuple[list[Path], list[str]]:
+    """(image files that open, their captions), sorted by name; the others are skipped with a warning."""
+    if not folder.is_dir():
+        raise SystemExit(f"error: --data {folder} is not a folder")
+    files, captions = [], []
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in degrade.IMAGE_SUFFIXES):
+        try:
+            with Image.open(path) as im:
+                im.verify()  # headers and (PNG) checksums, without decoding: cheap for big folders
+            text = path.with_suffix(".txt")
+            captions.append(text.read_text(encoding="utf-8").strip() if text.exists() else default_caption)
+            files.append(path)
+        except Exception as e:  # PIL raises many kinds for broken files; one bad file must not end the run
+            if warn:
+                warnings.warn(f"skipping {path.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if not files:
+        raise SystemExit(f"error: no readable images ({', '.join(degrade.IMAGE_SUFFIXES)}) in {folder}")
+    return files, captions
+
+
+class Crops(torch.utils.data.Dataset):
+    """Item (file index, seed) -> random HQ crop, its degraded LQ, loss weight and (possibly dropped) caption.
+    Every random choice comes from the item's seed, so an item is the same in any worker, run or resume."""
+
+    def __init__(self, files: list[Path], captions: list[str], resolution: int, degradation: Degradation,
+                 caption_dropout: float):
+        self.files, self.captions, self.resolution = files, captions, resolution
+        self.degradation, self.caption_dropout = degradation, caption_dropout
+
+    def __len__(self):
+        return len(self.files)
+
+    def load(self, index: int) -> tuple[int, torch.Tensor]:
+        """The image, or the next one that decodes (files can break after the scan, e.g. truncated JPEGs)."""
+        for k in range(len(self.files)):
+            i = (index + k) % len(self.files)
+            try:
+                return i, degrade.load_image(self.files[i])
+            except Exception as e:
+                warnings.warn(f"skipping unreadable {self.files[i].name}: {type(e).__name__}: {e}")
+        raise RuntimeError("no image in the data folder can be decoded any more")
+
+    def crop(self, img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        r = self.resolution
+        h, w = img.shape[-2:]
+        if min(h, w) < r:  # small images are scaled up to cover the crop
+            s = r / min(h, w)
+            img = degrade.resize(img, (max(r, round(h * s)), max(r, round(w * s)))).clamp(0, 1)
+            h, w = img.shape[-2:]
+        top = int(torch.randint(h - r + 1, (), generator=g))
+        left = int(torch.randint(w - r + 1, (), generator=g))
+        return img[..., top:top + r, left:left + r]
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, seed = key
+        g = torch.Generator().manual_seed(seed)
+        drop = torch.rand((), generator=g).item() < self.caption_dropout
+        index, img = self.load(index)
+        hq = self.crop(img, g)
+        lq, weight = self.degradation(hq, g)
+        ones = torch.ones_like(hq[:, :1])
+        return {"hq": hq[0], "lq": lq[0], "weight": (ones if weight is None else weight)[0],
+                "caption": "" if drop else self.captions[index]}
+
+
+def collate(items: list[dict]) -> dict:
+    return {k: [it[k] for it in items] if k == "caption" else torch.stack([it[k] for it in items])
+            for k in items[0]}
+
+
+class Order:
+    """The per-rank stream of (file index, item seed): every epoch a seeded permutation of the files, dealt
+    round-robin to the ranks (each gets len // world files, the same number). Position = samples taken by this
+    rank so far, the only state a resume needs."""
+
+    def __init__(self, n: int, seed: int, rank: int, world: int):
+        if n < world:
+            raise SystemExit(f"error: {n} images cannot be shared among {world} processes")
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.per_epoch = n // world
+
+    def __getitem__(self, position: int) -> tuple[int, int, int]:
+        """(file index, item seed, epoch) of the sample at `position`."""
+        epoch, j = divmod(position, self.per_epoch)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(mix(self.seed, 1, epoch)))
+        index = int(perm[self.rank + j * self.world])
+        return index, mix(self.seed, 3, epoch, index), epoch
+
+    def batches(self, start: int, batch_size: int):
+        position = start
+        while True:
+            yield [self[p][:2] for p in range(position, position + batch_size)]
+            position += batch_size
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The objective
+
+
+def sample_sigmas(n: int, args, generator: torch.Generator) -> torch.Tensor:
+    """sgm's DiscreteSampling (uniform index into the 1000 training sigmas) or EDMSampling (lognormal)."""
+    if args.sigma_sampling == "discrete":
+        lo, hi = args.timestep_range
+        return denoiser_sigmas()[torch.randint(lo, hi + 1, (n,), generator=generator)]
+    return (args.p_mean + args.p_std * torch.randn(n, generator=generator)).exp()
+
+
+def training_loss(denoiser: Denoiser, x0: torch.Tensor, cond: dict, sigmas: torch.Tensor, noise: torch.Tensor,
+                  weight: torch.Tensor) -> torch.Tensor:
+    """Per-sample sgm StandardDiffusionLoss (l2) with EpsWeighting w = sigma^-2, optionally pixel-weighted."""
+    s = sigmas.view(-1, 1, 1, 1)
+    D = denoiser(x0 + noise * s, sigmas, cond)
+    return (weight * s ** -2 * (D - x0) ** 2).flatten(1).mean(1)
+
+
+def frobenius(params: list[torch.Tensor]) -> torch.Tensor:
+    """sum ||A||_F^2 + ||B||_F^2 over the adapters (SUPIR eq. 16's penalty keeps the update small)."""
+    return sum(p.float().pow(2).sum() for p in params)
+
+
+def learning_rate(step: int, args) -> float:
+    """Linear warm-up to --lr, then cosine down to --min-lr at --max-steps."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    t = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs: atomic files, log, loss curve, checkpoint
+
+
+def atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder and rename: a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+LOG_FIELDS = ["step", "epoch", "loss", "penalty", "lr", "grad_norm", "seconds"]
+
+
+def read_log(path: Path, upto: int | None = None) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f) if upto is None or int(r["step"]) <= upto]
+
+
+def write_log(path: Path, rows: list[dict]) -> None:
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            out = csv.DictWriter(f, LOG_FIELDS)
+            out.writeheader()
+            out.writerows(rows)
+    atomic(path, write)
+
+
+def plot_loss(path: Path, steps: list[int], losses: list[float], size=(720, 400)) -> None:
+    """Loss per step (grey) and its running mean (blue) on a log axis, drawn with pillow."""
+    if len(losses) < 2:
+        return
+    W, H = size
+    left, right, top, bottom = 64, 16, 28, 36
+    logs = [math.log10(max(v, 1e-12)) for v in losses]
+    lo, hi = min(logs), max(logs)
+    hi = hi if hi > lo else lo + 1
+    x = lambda s: left + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (W - left - right)  # noqa: E731
+    y = lambda v: top + (hi - v) / (hi - lo) * (H - top - bottom)  # noqa: E731
+    im = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(im)
+    draw.rectangle([left, top, W - right, H - bottom], outline="black")
+    for k in range(math.floor(lo), math.ceil(hi) + 1):
+        for m in (1, 2, 5):
+            v = k + math.log10(m)
+            if lo <= v <= hi:
+                draw.line([left, y(v), W - right, y(v)], fill=(225, 225, 225))
+                draw.text((4, y(v) - 6), f"{10 ** v:.3g}", fill="black")
+    draw.line([(x(s), y(v)) for s, v in zip(steps, logs)], fill=(170, 170, 170))
+    smooth, avg = [], None
+    for v in losses:
+        avg = v if avg is None else 0.9 * avg + 0.1 * v
+        smooth.append(math.log10(max(avg, 1e-12)))
+    draw.line([(x(s), y(v)) for s, v in zip(steps, smooth)], fill=(30, 90, 200), width=2)
+    draw.text((left, 8), f"training loss (log scale): first {losses[0]:.4g}, last {losses[-1]:.4g}, "
+                         f"running mean {10 ** smooth[-1]:.4g}", fill="black")
+    draw.text((left, H - bottom + 8), f"step {steps[0]}", fill="black")
+    draw.text((W - right - 80, H - bottom + 8), f"step {steps[-1]}", fill="black")
+    atomic(path, lambda tmp: im.save(tmp, format="PNG"))
+
+
+def rng_state(noise: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate(), "noise": noise.get_state()}
+
+
+def set_rng_state(state: dict, noise: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    noise.set_state(state["noise"])
+
+
+def gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args = args
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.device = self.pick_device()
+        if self.world > 1:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.main = self.rank == 0
+        self.dtype = DTYPES[args.dtype] if args.dtype != "auto" else \
+            torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        self.out = args.out
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+        files, captions = scan_folder(args.data, args.default_caption, warn=self.main)
+        degradation = DEGRADATIONS[args.degradation]
+        self.check_resolution()
+        self.data = Crops(files, captions, args.resolution, degradation, args.caption_dropout)
+        self.order = Order(len(files), args.seed, self.rank, self.world)
+
+        self.restorer = self.build_model()
+        self.model = self.restorer.model
+        self.vae = self.model.first_stage_model
+        self.preview = self.preview_setup() if args.preview_every > 0 and self.main else None
+        self.text_cache = self.setup_text(captions)
+        torch.manual_seed(args.seed)  # the same initial A on every rank
+        lora.inject_lora(self.model.model.diffusion_model, "default", args.lora_rank, args.lora_alpha,
+                         TARGETS[args.lora_targets], args.lora_dropout, dtype=torch.float32)
+        self.params = lora.lora_parameters(self.model)
+        for p in self.params:
+            p.requires_grad_(True)
+        self.model.model.gradient_checkpointing = args.gradient_checkpointing
+        self.denoiser = Denoiser(self.model.model)
+        self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
+        self.ema = [p.detach().clone() for p in self.params] if args.ema > 0 else None
+        self.latent_cache = self.cache_latents() if args.cache_latents else None
+
+        torch.manual_seed(mix(args.seed, 4, self.rank))  # LoRA dropout differs per rank
+        self.noise = torch.Generator().manual_seed(mix(args.seed, 5, self.rank))  # posterior, sigma, noise draws
+        self.step, self.position, self.log = 0, 0, []
+        if args.resume is not None:
+            self.load_checkpoint(Path(args.resume) if args.resume else self.out / "checkpoint.pt")
+        self.stop = False
+
+    # -- setup -------------------------------------------------------------------------------------------
+
+    def pick_device(self) -> torch.device:
+        if self.args.device == "auto" and self.world > 1 and torch.cuda.is_available():
+            return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', self.rank))}")
+        device = pipeline.pick_device(self.args.device)
+        return torch.device("cpu") if device.type == "mps" else device  # no bf16 autocast / fused AdamW there
+
+    def check_resolution(self):
+        cfg = supir.PRESETS[self.args.model]
+        multiple = cfg.vae.downsample_factor * 2 ** (len(cfg.unet.channel_mult) - 1)  # latent must halve per level
+        scale = getattr(degrade.SETTINGS.get(self.args.degradation), "scale", 1)
+        if self.args.resolution % multiple or self.args.resolution % scale:
+            raise SystemExit(f"error: --resolution must be a multiple of {multiple} and of the degradation's scale {scale}")
+
+    def build_model(self) -> Restorer:
+        a = self.args
+        cfg = supir.PRESETS[a.model]
+        placement = dict(device=self.device, dtype=self.dtype, vae_dtype=self.dtype)
+        if a.model != "sdxl" and a.sdxl is None and a.supir is None:
+            # the seeded random model `sample.py --model tiny` restores with
+            return Restorer.random(cfg, seed=0, **placement)
+        if a.model != "sdxl" and (a.sdxl is None or a.supir is None):
+            raise SystemExit("error: --model tiny / medium with weight files needs both --sdxl and --supir")
+        return Restorer.from_files(a.sdxl or "sdxl", a.supir or "Q", cfg, **placement)
+
+    def setup_text(self, captions: list[str]) -> dict | None:
+        """Text encoders on the device for the run, or (--cache-text) every caption encoded once and the
+        encoders dropped."""
+        conditioner = self.model.conditioner.to(self.device)
+        if not self.args.cache_text:
+            return None
+        texts = sorted(set(captions) | {""})
+        cache = {}
+        for i in range(0, len(texts), 16):
+            out = conditioner.encode(texts[i:i + 16])
+            cache.update({t: {k: v[j:j + 1] for k, v in out.items()} for j, t in enumerate(texts[i:i + 16])})
+        self.restorer.free_text_encoders()
+        return cache
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> dict:
+        if self.text_cache is not None:
+            return {k: torch.cat([self.text_cache[c][k] for c in captions]) for k in ("crossattn", "vector")}
+        return self.model.conditioner.encode(captions)
+
+    @torch.no_grad()
+    def encode_images(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0 = HQ posterior sample, _z = denoise-encoder mode of the LQ, weight pooled to the latent grid)."""
+        hq, lq = (batch[k].to(self.device) * 2 - 1 for k in ("hq", "lq"))
+        x0 = self.vae.encode(hq, sample=True, generator=generator).float()
+        z_lq = self.vae.encode(lq, denoise=True).float()
+        weight = F.adaptive_avg_pool2d(batch["weight"].to(self.device).float(), x0.shape[-2:])
+        return x0, z_lq, weight
+
+    def cache_latents(self) -> dict[int, tuple[torch.Tensor, ...]]:
+        """One crop + degradation + encoding per image (seed fixed per image), one image at a time so the
+        numbers do not depend on batching; kept on the device."""
+        cache = {}
+        for index in tqdm(range(len(self.data)), desc="caching latents", disable=not self.main or None):
+            seed = mix(self.args.seed, 2, index)
+            item = collate([self.data[index, seed]])
+            cache[index] = self.encode_images(item, torch.Generator().manual_seed(seed))
+        return cache
+
+    def preview_setup(self) -> dict:
+        """The fixed validation pair (centre crop of the image, degraded with seed --seed) and its prompts."""
+        path = self.args.preview_image or self.data.files[0]
+        img = degrade.load_image(path)
+        r = self.args.resolution
+        if min(img.shape[-2:]) < r:
+            s = r / min(img.shape[-2:])
+            img = degrade.resize(img, (max(r, round(img.shape[-2] * s)), max(r, round(img.shape[-1] * s)))).clamp(0, 1)
+        top, left = (img.shape[-2] - r) // 2, (img.shape[-1] - r) // 2
+        hq = img[..., top:top + r, left:left + r]
+        lq, _ = DEGRADATIONS[self.args.degradation](hq, torch.Generator().manual_seed(self.args.seed))
+        caption = path.with_suffix(".txt").read_text().strip() if path.with_suffix(".txt").exists() else self.args.default_caption
+        # the LQ is given at the HQ size, as in training; SUPIR's Quality settings with few steps
+        settings = replace(pipeline.QUALITY, steps=self.args.preview_steps, min_size=0, prompt=caption)
+        self.restorer.encode_prompts([settings.positive_text, settings.negative])
+        to_pil = lambda x: Image.fromarray(degrade.to_uint8(x)[0])  # noqa: E731
+        (self.out / "previews").mkdir(exist_ok=True)
+        return {"hq": to_pil(hq), "lq": to_pil(lq), "settings": settings}
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+
+    def save_checkpoint(self):
+        rng = gather(rng_state(self.noise), self.world)  # every rank's generators, for an exact resume
+        if not self.main:
+            return
+        state = {"step": self.step, "position": self.position, "world": self.world,
+                 "lora": [p.detach().cpu() for p in self.params], "optimizer": self.optimizer.state_dict(),
+                 "ema": None if self.ema is None else [e.cpu() for e in self.ema], "rng": rng,
+                 "settings": self.settings()}
+        atomic(self.out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+
+    def load_checkpoint(self, path: Path):
+        if not path.exists():
+            raise SystemExit(f"error: no checkpoint to resume at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["world"] != self.world:
+            raise SystemExit(f"error: {path} was written by {state['world']} processes, this run has {self.world}")
+        changed = {k: (v, self.settings()[k]) for k, v in state["settings"].items()
+                   if k not in ("resume", "max_steps", "save_every", "preview_every", "out") and self.settings().get(k) != v}
+        if changed and self.main:
+            warnings.warn(f"resuming with changed settings (old, new): {changed}")
+        with torch.no_grad():
+            for p, v in zip(self.params, state["lora"], strict=True):
+                p.copy_(v)
+            if self.ema is not None and state["ema"] is not None:
+                for e, v in zip(self.ema, state["ema"], strict=True):
+                    e.copy_(v)
+        self.optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"][self.rank], self.noise)
+        self.step, self.position = state["step"], state["position"]
+        if self.main:  # rows logged after the checkpoint by the interrupted run are redone
+            self.log = read_log(self.out / "train_log.csv", upto=self.step)
+            write_log(self.out / "train_log.csv", self.log)
+
+    def settings(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items()}
+
+    def swap_ema(self):
+        """Exchange the live LoRA weights with the EMA ones (twice restores)."""
+        if self.ema is not None:
+            with torch.no_grad():
+                for p, e in zip(self.params, self.ema):
+                    tmp = p.detach().clone()
+                    p.copy_(e)
+                    e.copy_(tmp)
+
+    def save_lora(self):
+        a = self.args
+        meta = {"ss_learning_rate": str(a.lr), "ss_max_train_steps": str(a.max_steps), "ss_steps": str(self.step),
+                "ss_num_train_images": str(len(self.data)), "ss_resolution": f"({a.resolution}, {a.resolution})",
+                "ss_batch_size_per_device": str(a.batch_size), "ss_gradient_accumulation_steps": str(a.grad_accum),
+                "ss_seed": str(a.seed), "ss_training_comment": f"mini_supir train.py, {a.degradation} restoration",
+                "mini_supir.training": json.dumps({**self.settings(), "world_size": self.world, "steps_done": self.step,
+                                                   "ema_weights": self.ema is not None})}
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.save_precision]
+        self.swap_ema()
+        atomic(self.out / "lora.safetensors", lambda tmp: lora.save_lora(self.model, tmp, "default", meta, dtype))
+        self.swap_ema()
+
+    @torch.no_grad()
+    def write_preview(self):
+        self.swap_ema()
+        self.model.eval()
+        try:
+            restored = self.restorer.restore(self.preview["lq"], self.preview["settings"], seed=self.args.seed)
+        finally:
+            self.model.train()
+            self.swap_ema()
+        panel = Image.new("RGB", (3 * restored.width, restored.height))
+        for i, im in enumerate((self.preview["lq"], restored, self.preview["hq"])):
+            panel.paste(im.resize(restored.size), (i * restored.width, 0))
+        atomic(self.out / "previews" / f"step_{self.step:06d}.png", lambda tmp: panel.save(tmp, format="PNG"))
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def micro_batches(self):
+        keys = self.order.batches(self.position, self.args.batch_size)
+        if self.latent_cache is not None:
+            for batch in keys:
+                items = [self.data.captions[i] for i, _ in batch]
+                drop = [torch.rand((), generator=torch.Generator().manual_seed(s)).item() < self.args.caption_dropout
+                        for _, s in batch]
+                x0, z, w = (torch.cat(t) for t in zip(*(self.latent_cache[i] for i, _ in batch)))
+                yield {"latents": (x0, z, w), "caption": ["" if d else c for d, c in zip(drop, items)]}
+            return
+        loader = torch.utils.data.DataLoader(self.data, batch_sampler=keys, num_workers=self.args.workers,
+                                             collate_fn=collate, persistent_workers=False,
+                                             prefetch_factor=2 if self.args.workers else None)
+        yield from loader
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Mean training loss of one micro-batch (all draws from the run's noise generator, on the CPU)."""
+        if "latents" in batch:
+            x0, z_lq, weight = batch["latents"]
+        else:
+            x0, z_lq, weight = self.encode_images(batch, self.noise)
+        cond = {**self.encode_text(batch["caption"]), "control": z_lq}
+        sigmas = sample_sigmas(x0.shape[0], self.args, self.noise).to(self.device)
+        noise = torch.randn(x0.shape, generator=self.noise).to(self.device)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.dtype == torch.bfloat16 else nullcontext()
+        with autocast:
+            return training_loss(self.denoiser, x0, cond, sigmas, noise, weight).mean()
+
+    def all_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+            t /= self.world
+        return t
+
+    def train_step(self, batches) -> dict:
+        a = self.args
+        lr = learning_rate(self.step, a)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for _ in range(a.grad_accum):
+            loss = self.forward(next(batches))
+            self.position += a.batch_size
+            (loss / a.grad_accum).backward()
+            total += loss.detach() / a.grad_accum
+        penalty = torch.zeros(())
+        if a.frobenius > 0:
+            penalty = a.frobenius * frobenius(self.params)
+            penalty.backward()
+        if self.world > 1:
+            # Only the LoRA gradients (a few MB) need averaging: one all-reduce of them all, no DDP wrapper
+            # (which would also broadcast the frozen 3.8 B weights and hook every one of them).
+            flat = self.all_mean(torch.cat([p.grad.flatten() for p in self.params]))
+            for p, g in zip(self.params, flat.split([p.numel() for p in self.params])):
+                p.grad.copy_(g.view_as(p))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, a.max_grad_norm if a.max_grad_norm > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(self.ema, self.params):
+                    e.lerp_(p.detach(), 1 - a.ema)
+        self.step += 1
+        return {"loss": self.all_mean(total).item(), "penalty": penalty.item(), "lr": lr, "grad_norm": norm.item()}
+
+    def request_stop(self, signum, frame):
+        self.stop = True  # finish the step, save, exit; a second signal kills as usual
+        signal.signal(signum, signal.SIG_DFL)
+
+    def run(self):
+        a = self.args
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.request_stop)
+        self.model.train()
+        if self.preview is not None and self.step == 0:
+            self.write_preview()
+        batches = self.micro_batches()
+        t0 = time.time()
+        bar = tqdm(total=a.max_steps, initial=self.step, desc="train", unit="step", disable=not self.main or None,
+                   dynamic_ncols=True)
+        while self.step < a.max_steps:
+            info = self.train_step(batches)
+            bar.update(1)
+            bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}")
+            if self.main:
+                self.log.append({"step": self.step, "epoch": self.order[self.position - 1][2],
+                                 **{k: f"{v:.6g}" for k, v in info.items()}, "seconds": f"{time.time() - t0:.2f}"})
+            if not math.isfinite(info["loss"]):
+                raise SystemExit(f"error: loss is {info['loss']} at step {self.step}")
+            stop = torch.tensor(float(self.stop))
+            if self.world > 1:
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # one rank interrupted: all save and stop together
+            last = self.step == a.max_steps or stop.item() > 0
+            if self.step % a.save_every == 0 or last:
+                self.write_outputs()
+            if self.preview is not None and (self.step % a.preview_every == 0 or last):
+                self.write_preview()
+            if stop.item() > 0:
+                bar.close()
+                print(f"stopped at step {self.step}: checkpoint saved, continue with --resume", file=sys.stderr)
+                return 130
+        bar.close()
+        if self.main:
+            self.save_lora()
+        return 0
+
+    def write_outputs(self):
+        self.save_checkpoint()
+        if self.main:
+            write_log(self.out / "train_log.csv", self.log)
+            plot_loss(self.out / "loss_curve.png", [int(r["step"]) for r in self.log], [float(r["loss"]) for r in self.log])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    trainer = Trainer(args)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.world > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
