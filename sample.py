@@ -19,11 +19,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 from mini_supir import pipeline, supir
 from mini_supir.pipeline import ImageError, RestoreError, RestoreSettings, Restorer
+from mini_supir.weights import CheckpointError, resolve
 
 OVERRIDES = {  # CLI option -> RestoreSettings field (the rest of the settings come from the preset)
     "upscale": "upscale", "min_size": "min_size", "steps": "steps", "cfg": "cfg", "cfg_start": "cfg_start",
@@ -47,56 +49,56 @@ def lora_spec(s: str) -> tuple[str, float]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Restore photos with SUPIR.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Restore photos with SUPIR. Sampling options default to the preset.")
     io = p.add_argument_group("input / output")
-    io.add_argument("--image", nargs="+", required=True, help="image files, folders or glob patterns")
-    io.add_argument("--out", default="outputs", help="output folder")
+    io.add_argument("--image", nargs="+", action="extend", required=True, help="image files, folders or glob patterns")
+    io.add_argument("--out", default="outputs", help="output folder (default: outputs)")
     io.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist")
     io.add_argument("--compare", action="store_true", help="also write <name>_compare.png: input | result")
-    io.add_argument("--upscale", type=float, help="result size = input size x upscale (preset: 1)")
-    io.add_argument("--min-size", type=int, help="work at least at this short side, px (preset: 1024)")
+    io.add_argument("--upscale", type=float, help="result size = input size x upscale (default: 1)")
+    io.add_argument("--min-size", type=int, help="work at least at this short side, px (default: 1024)")
 
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=sorted(supir.PRESETS), default="sdxl",
-                   help="architecture; tiny / medium without weight files = random weights (smoke test, restores nothing)")
+                   help="architecture (default: sdxl); tiny / medium without weight files = random weights: a smoke test that restores nothing")
     m.add_argument("--sdxl", help="SDXL single file: path, registry name or repo_id/filename (default: sdxl)")
     m.add_argument("--supir", help="SUPIR file: path, Q, F or repo_id/filename (default: Q, F with --fidelity)")
     m.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="FILE[:SCALE]",
-                   help="LoRA merged into the model (repeatable)")
+                   help="LoRA file or hub spec merged into the model, SCALE default 1 (repeatable)")
     m.add_argument("--dtype", choices=["auto", *pipeline.DTYPES], default="auto",
                    help="UNet / text encoders (auto: fp16 on GPU, fp32 on CPU)")
     m.add_argument("--vae-dtype", choices=["auto", *pipeline.DTYPES], default="auto",
                    help="VAE (auto: bf16 on CUDA, else fp32; fp16 is refused: it overflows)")
-    m.add_argument("--device", default="auto", help="auto, cuda, cuda:1, mps or cpu")
+    m.add_argument("--device", default="auto", help="auto (default: cuda, mps, cpu), cuda, cuda:1, mps or cpu")
     m.add_argument("--offload", action="store_true", help="move each part to the GPU only while it runs")
 
-    s = p.add_argument_group("sampling (defaults from the preset)")
+    s = p.add_argument_group("sampling")
     mode = s.add_mutually_exclusive_group()
     mode.add_argument("--quality", dest="mode", action="store_const", const="quality",
                       help="SUPIR v0Q, cfg 7.5, cfg start 4 (default)")
     mode.add_argument("--fidelity", dest="mode", action="store_const", const="fidelity",
                       help="SUPIR v0F, cfg 4, cfg start 1")
     s.add_argument("--sampler", choices=pipeline.SAMPLERS, default="edm",
-                   help="edm: SUPIR's restore EDM; dpmpp2m: its Lightning config; lightning: Euler, trailing steps")
-    s.add_argument("--steps", type=int)
+                   help="edm (default): SUPIR's restore EDM; dpmpp2m: its Lightning config (8 steps); lightning: Euler on trailing steps (SDXL-Lightning)")
+    s.add_argument("--steps", type=int, help="edm 50, dpmpp2m 8, lightning 4")
     s.add_argument("--cfg", type=float, help="text guidance at the end of sampling (sigma 0)")
     s.add_argument("--cfg-start", type=optional_float, help="guidance at the start (sigma max); none = constant")
-    s.add_argument("--control-scale", type=float, help="strength of the LQ control at the end")
-    s.add_argument("--control-start", type=optional_float, help="control strength at the start; none = constant")
-    s.add_argument("--restore-cfg", type=float, help="pull towards the stage-1 latent; <= 0 off (SUPIR's demo: -1)")
-    s.add_argument("--s-churn", type=float)
-    s.add_argument("--s-noise", type=float)
-    s.add_argument("--eta", type=float, help="DPM++ SDE noise (dpmpp2m)")
+    s.add_argument("--control-scale", type=float, help="strength of the LQ control at the end (default: 1)")
+    s.add_argument("--control-start", type=optional_float, help="control strength at the start (default: none = constant)")
+    s.add_argument("--restore-cfg", type=float, help="pull towards the stage-1 latent, edm (default: 4; <= 0 off, as SUPIR's demo)")
+    s.add_argument("--s-churn", type=float, help="EDM churn (default: 5)")
+    s.add_argument("--s-noise", type=float, help="churn / SDE noise scale (default: 1.003)")
+    s.add_argument("--eta", type=float, help="DPM++ SDE noise, dpmpp2m (default: 1)")
     s.add_argument("--prompt", default="", help="description used where no <name>.txt caption sits beside an image")
     s.add_argument("--positive", help="quality prompt appended to the description (default: SUPIR's)")
     s.add_argument("--negative", help="negative prompt (default: SUPIR's)")
     s.add_argument("--seed", type=int, default=1234, help="sample k of an image uses seed + k")
-    s.add_argument("--num-samples", type=int)
-    s.add_argument("--color-fix", choices=pipeline.COLOR_FIXES)
+    s.add_argument("--num-samples", type=int, help="results per image (default: 1)")
+    s.add_argument("--color-fix", choices=pipeline.COLOR_FIXES, help="colours from the stage-1 image (default: wavelet)")
 
     t = p.add_argument_group("tiling (large images)")
-    t.add_argument("--tile-vae", action="store_true", default=None, help="encode / decode in tiles")
-    t.add_argument("--vae-tile-size", type=int, help="VAE tile, px (preset: 512)")
+    t.add_argument("--tile-vae", action="store_true", default=None, help="VAE encode / decode in tiles")
+    t.add_argument("--vae-tile-size", type=int, help="VAE tile, px (default: 512)")
     t.add_argument("--tile-size", type=int, help="sample in overlapping tiles of this many px (SUPIR: 1024)")
     t.add_argument("--tile-stride", type=int, help="tile stride, px (default: tile size / 2)")
     args = p.parse_args(argv)
@@ -107,8 +109,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def settings_from(args: argparse.Namespace) -> RestoreSettings:
     settings = pipeline.preset(args.mode, args.sampler)
     given = {field: getattr(args, opt) for opt, field in OVERRIDES.items() if getattr(args, opt) is not None}
-    if args.tile_size is not None and args.tile_stride is None:
-        given["tile_stride"] = args.tile_size // 2 // 64 * 64 or 64
     return replace(settings, **given)
 
 
@@ -164,19 +164,36 @@ def check_writable(out: Path) -> None:
         pass
 
 
+class WeightsError(Exception):
+    """(file or option, problem)"""
+
+
 def build_restorer(args: argparse.Namespace, device: str) -> tuple[Restorer, dict]:
+    """The model of --model with --sdxl / --supir / --lora; raises WeightsError naming the file at fault."""
     cfg = supir.PRESETS[args.model]
     placement = dict(device=device, dtype=args.dtype, vae_dtype=args.vae_dtype, offload=args.offload)
-    if args.model != "sdxl" and args.sdxl is None and args.supir is None:
-        restorer = Restorer.random(cfg, seed=0, loras=tuple(args.lora), **placement)
-        weights = {"weights": f"random {args.model} (seed 0)"}
-    else:
-        if args.model != "sdxl" and (args.sdxl is None or args.supir is None):
-            raise ValueError("--model tiny / medium with weight files needs both --sdxl and --supir")
-        sdxl = args.sdxl or "sdxl"
-        supir_file = args.supir or ("F" if args.mode == "fidelity" else "Q")
-        restorer = Restorer.from_files(sdxl, supir_file, cfg, loras=tuple(args.lora), **placement)
-        weights = {"sdxl": str(sdxl), "supir": str(supir_file)}
+    random = args.model != "sdxl" and args.sdxl is None and args.supir is None
+    if args.model != "sdxl" and not random and (args.sdxl is None or args.supir is None):
+        raise WeightsError("--sdxl/--supir", "--model tiny / medium with weight files needs both")
+    sdxl = args.sdxl or "sdxl"
+    supir_file = args.supir or ("F" if args.mode == "fidelity" else "Q")
+    specs = [f for f, _ in args.lora] + ([] if random else [sdxl, supir_file])
+    files = {}
+    for spec in specs:  # one by one, so that a missing file is named
+        try:
+            files[spec] = resolve(spec)
+        except CheckpointError as e:
+            raise WeightsError(spec, one_line(e)) from None
+    loras = tuple((files[f], scale) for f, scale in args.lora)
+    try:
+        if random:
+            restorer = Restorer.random(cfg, seed=0, loras=loras, **placement)
+        else:
+            restorer = Restorer.from_files(files[sdxl], files[supir_file], cfg, loras=loras, **placement)
+    except Exception as e:  # noqa: BLE001 — wrong or broken files: name the one the message is about
+        at_fault = next((a for a in specs[::-1] if Path(a).name in str(e)), " + ".join(specs) or args.model)
+        raise WeightsError(at_fault, one_line(e)) from None
+    weights = {"weights": f"random {args.model} (seed 0)"} if random else {"sdxl": str(sdxl), "supir": str(supir_file)}
     return restorer, {**weights, "model": args.model, "loras": [[str(f), s] for f, s in args.lora],
                       "dtype": str(restorer.dtype).removeprefix("torch."),
                       "vae_dtype": str(restorer.vae_dtype).removeprefix("torch.")}
@@ -239,13 +256,11 @@ def main(argv=None) -> int:
 
     try:
         restorer, model_info = build_restorer(args, device)
-        restorer.encode_prompts([replace(settings, prompt=p).positive_text for p, _ in prompts.values()] + [settings.negative])
-        restorer.free_text_encoders()
-    except Exception as e:  # missing / wrong weights, bad LoRA: nothing can run
-        named = [args.supir, args.sdxl, *(str(f) for f, _ in args.lora)]
-        what = next((a for a in named if a and Path(a).name in str(e)), "model")
-        fail(what, one_line(e))
+    except WeightsError as e:  # missing / wrong weights, bad LoRA: nothing can run
+        fail(*e.args)
         return 1
+    restorer.encode_prompts([replace(settings, prompt=p).positive_text for p, _ in prompts.values()] + [settings.negative])
+    restorer.free_text_encoders()
 
     for f in tqdm(todo, desc="images", unit="img", disable=None, position=rank if world > 1 else None):
         t0 = time.time()
@@ -267,7 +282,7 @@ def main(argv=None) -> int:
             fail(f, one_line(e))
             failed += 1
         except Exception as e:  # noqa: BLE001 — one bad image must not stop the batch
-            if type(e).__name__ == "OutOfMemoryError":
+            if isinstance(e, torch.cuda.OutOfMemoryError):
                 fail(f, "out of GPU memory (try --offload, --tile-vae, --tile-size 1024)")
             else:
                 fail(f, f"{type(e).__name__}: {one_line(e)}")

@@ -266,7 +266,7 @@ def _crack(g, alpha, start, angle, length, width, depth):
     steps = torch.stack([torch.sin(ang), torch.cos(ang)], 1) * (3 + 6 * torch.rand(n, 1, generator=g))
     poly = torch.cat([start[None], start[None] + steps.cumsum(0)])
     rad = _smooth_walk(g, n + 1, 0.35 * width, width, 0.3)
-    dark = _smooth_walk(g, n + 1, 0.55, 0.95, 0.25)
+    dark = _smooth_walk(g, n + 1, 0.7, 1.0, 0.25)
     pts, rad_d, dark_d = _densify(poly, rad, dark)
     _stamp(alpha, pts, rad_d, dark_d)
     if depth > 0:
@@ -328,13 +328,13 @@ def synthesize_damage(img: torch.Tensor, generator: torch.Generator | int | None
             region = gaussian_blur(_blob(g, h, w, _u(g, 0.02, 0.06) * short).float(), 0.7)
             paper = torch.tensor(PAPER).view(3, 1, 1) * (1 + 0.02 * torch.randn(1, h, w, generator=g))
             out = out * (1 - region) + paper * region
-    if "cracks" in kinds:         # dark branching cracks (dirt in broken emulsion)
-        alpha = torch.zeros(h, w)
+    if "cracks" in kinds:         # branching cracks: dirt in the broken emulsion, or the bare paper beneath
         for _ in range(count(3)):
+            alpha = torch.zeros(h, w)
             start = torch.tensor([_u(g, 0, h), _u(g, 0, w)])
-            _crack(g, alpha, start, _u(g, 0, 2 * math.pi), _u(g, 0.25, 0.6) * diag, _u(g, 0.8, 2.0), 2)
-        ink = torch.tensor([0.10, 0.08, 0.06]).view(3, 1, 1)
-        out = out * (1 - alpha) + ink * alpha
+            _crack(g, alpha, start, _u(g, 0, 2 * math.pi), _u(g, 0.25, 0.6) * diag, _u(g, 0.6, 1.6), 2)
+            ink = torch.tensor(PAPER) if _u(g) < 0.3 else torch.tensor([0.09, 0.07, 0.05]) * _u(g, 0.6, 1.4)
+            out = out * (1 - alpha) + ink.view(3, 1, 1) * alpha
     if "scratches" in kinds:      # bright, thin, nearly straight lines, often broken into dashes
         alpha = torch.zeros(h, w)
         for _ in range(count(3)):

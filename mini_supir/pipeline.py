@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from . import colorfix, supir
@@ -37,8 +37,8 @@ SAMPLERS = ("edm", "dpmpp2m", "lightning")
 COLOR_FIXES = ("wavelet", "adain", "none")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# Above this many pixels (of the image as processed, after upscaling) the untiled VAE and UNet activations
-# outgrow a 24 GB GPU with the SDXL model: bigger images need tiled VAE and tiled sampling.
+# Untiled memory grows with the pixel count as processed (the VAE decoder alone holds several full-size
+# 128-channel maps); SUPIR's demo works at 1-2 MP. Above this we ask for tiled VAE and tiled sampling.
 UNTILED_MAX_PIXELS = 2048 * 2048
 # Largest image file we decode at all (PIL's decompression-bomb guard is set to the same).
 MAX_INPUT_PIXELS = 2 ** 29  # about 23000 x 23000
@@ -186,7 +186,6 @@ def open_image(path: str | Path, settings: RestoreSettings = QUALITY) -> Image.I
         raise ImageError("no such file")
     if path.is_dir():
         raise ImageError("is a directory")
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey bottom half
     limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
@@ -421,10 +420,12 @@ class Restorer:
         if self.conditioner is None:
             raise RestoreError("the text encoders were freed; encode every prompt before free_text_encoders()")
         with torch.no_grad(), self._running(self.conditioner, always=True):
-            # SUPIR conditions on a fixed 1024x1024 original/target size and crop (0, 0) whatever the image size
-            out = self.conditioner.encode(todo)
-        for i, t in enumerate(todo):
-            self._text[t] = {k: v[i:i + 1].cpu() for k, v in out.items()}
+            for first in range(0, len(todo), 8):
+                batch = todo[first:first + 8]
+                # SUPIR conditions on a fixed 1024x1024 original/target size and crop (0, 0), whatever the image
+                out = self.conditioner.encode(batch)
+                for i, t in enumerate(batch):
+                    self._text[t] = {k: v[i:i + 1].cpu() for k, v in out.items()}
 
     def free_text_encoders(self) -> None:
         """Drop the text encoders (about 1.4 B parameters for SDXL); cached prompts still work."""
@@ -472,8 +473,10 @@ class Restorer:
             if on_step is not None:
                 on_step(i + 1, settings.steps)
 
-        latent_px = lambda v: None if v is None else v // self.factor  # noqa: E731
-        tiles = dict(tile_size=latent_px(settings.tile_size), tile_stride=latent_px(settings.tile_stride))
+        tiles = {}
+        if settings.tile_size is not None:
+            stride = settings.tile_stride or settings.tile_size // 2
+            tiles = dict(tile_size=settings.tile_size // self.factor, tile_stride=stride // self.factor)
         common = dict(num_steps=settings.steps, cfg_scale=settings.cfg, cfg_scale_start=settings.cfg_start,
                       control_scale=settings.control_scale, generator=generator, callback=callback, **tiles)
         with self._running(self.unet):

@@ -15,6 +15,7 @@ float32 with the reference's operation order, so the loop never reads back from 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -300,17 +301,22 @@ def _cut(t: torch.Tensor, win: Window) -> torch.Tensor:
     return t[..., win[0]:win[1], win[2]:win[3]]
 
 
-def _cond_tile(cond: Cond, win: Window) -> Cond:
-    return {k: _cut(v, win) if k == "control" else v for k, v in cond.items()}
+def _stack(t: torch.Tensor | None, wins: list[Window]) -> torch.Tensor | None:
+    return None if t is None else torch.cat([_cut(t, win) for win in wins])
 
 
-class _Tiles:
-    """Runs a step function on every window (`batch` windows per denoiser call) and blends its outputs."""
+def _stack_conds(conds: list[Cond], wins: list[Window]) -> Cond:
+    """Per-window conds batched like `_stack`: "control" (the LQ latent) is cut to each window."""
+    return {k: torch.cat([_cut(c[k], win) if k == "control" else c[k] for c, win in zip(conds, wins)])
+            for k in conds[0]}
 
-    def __init__(self, x: torch.Tensor, size: int, stride: int, batch: int, cond: Cond | list[Cond]):
-        self.windows = sliding_windows(x.shape[-2], x.shape[-1], size, stride)
-        if isinstance(cond, list) and len(cond) != len(self.windows):
-            raise ValueError(f"{len(cond)} local prompts for {len(self.windows)} windows")
+
+class Tiles:
+    """SUPIR's tiled sampling: a step runs on every window (`batch` windows per denoiser call), each reading the
+    same latent, and the step RESULTS ("x", "denoised") are blended with the Gaussian mask."""
+
+    def __init__(self, x: torch.Tensor, size: int, stride: int | None = None, batch: int = 1):
+        self.windows = sliding_windows(x.shape[-2], x.shape[-1], size, stride or size // 2)
         win = self.windows[0]
         self.weight = gaussian_weights(win[1] - win[0], win[3] - win[2]).to(x)
         self.count = torch.zeros(x.shape[-2:], dtype=x.dtype, device=x.device)
@@ -320,22 +326,23 @@ class _Tiles:
 
     def __call__(self, fn, x: torch.Tensor, cond: Cond | list[Cond], uncond: Cond | None,
                  inputs: dict[str, torch.Tensor | None], on_tile=None) -> dict[str, torch.Tensor]:
+        if isinstance(cond, list) and len(cond) != len(self.windows):
+            raise ValueError(f"{len(cond)} local prompts for {len(self.windows)} windows")
         acc = {"x": torch.zeros_like(x), "denoised": torch.zeros_like(x)}
         b = x.shape[0]
         for first in range(0, len(self.windows), self.batch):
             wins = self.windows[first:first + self.batch]
-            conds = [_cond_tile(cond[first + k] if isinstance(cond, list) else cond, win) for k, win in enumerate(wins)]
-            stack = lambda t: torch.cat([_cut(t, win) for win in wins])  # noqa: E731
-            cat = lambda cs: {k: torch.cat([c[k] for c in cs]) for k in cs[0]}  # noqa: E731
-            out = fn(x=stack(x), cond=cat(conds), uncond=None if uncond is None else cat([_cond_tile(uncond, w) for w in wins]),
-                     **{k: None if v is None else stack(v) for k, v in inputs.items()})
+            conds = cond[first:first + len(wins)] if isinstance(cond, list) else [cond] * len(wins)
+            out = fn(x=_stack(x, wins), cond=_stack_conds(conds, wins),
+                     uncond=None if uncond is None else _stack_conds([uncond] * len(wins), wins),
+                     **{k: _stack(v, wins) for k, v in inputs.items()})
             for k, win in enumerate(wins):
                 tile = {name: out[name][k * b:(k + 1) * b] for name in acc}
                 for name in acc:
                     _cut(acc[name], win).add_(tile[name] * self.weight)
                 if on_tile is not None:  # model_out is [uncond tiles; cond tiles]: regroup as this tile's [u; c]
-                    on_tile(first + k, {**tile, "window": win,
-                                        "model_out": out["model_out"].unflatten(0, (-1, len(wins), b))[:, k].flatten(0, 1)})
+                    model_out = out["model_out"].unflatten(0, (-1, len(wins), b))[:, k].flatten(0, 1)
+                    on_tile(first + k, {**tile, "model_out": model_out, "window": win})
         return {name: a / self.count for name, a in acc.items()}
 
 
@@ -351,28 +358,24 @@ def _noise_source(eps_fn, generator: torch.Generator | None, like: torch.Tensor)
                                     device=generator.device if generator is not None else like.device).to(like)
 
 
-def _loop(step_fn, steps, x, cond, uncond, inputs_for, *, tiles, callback, tile_callback):
-    """The one loop all samplers share: step on the whole latent or blended over tiles, then report."""
+def _loop(step_fn, steps, x, cond, uncond, inputs_for, tile_size, tile_stride, tile_batch_size, callback,
+          tile_callback):
+    """The one loop all samplers share: each step on the whole latent, or on every tile and blended."""
+    tiles = None if tile_size is None else Tiles(x, tile_size, tile_stride, tile_batch_size)
+    if tiles is None and isinstance(cond, list):
+        raise ValueError("per-window conds (local prompts) need tile_size")
     state = {}
     for i, st in enumerate(steps):
         inputs = inputs_for(i, st, state)
         if tiles is None:
             state = step_fn(x=x, st=st, cond=cond, uncond=uncond, **inputs)
         else:
-            on_tile = None if tile_callback is None else (lambda j, info, i=i: tile_callback(i, j, info))
-            state = tiles(lambda **kw: step_fn(st=st, **kw), x, cond, uncond, inputs, on_tile)
+            on_tile = None if tile_callback is None else partial(tile_callback, i)
+            state = tiles(partial(step_fn, st=st), x, cond, uncond, inputs, on_tile)
         x = state["x"]
         if callback is not None:
             callback(i, {**asdict(st), **state})
     return x
-
-
-def _tiles_for(x, cond, tile_size, tile_stride, tile_batch_size):
-    if tile_size is None:
-        if isinstance(cond, list):
-            raise ValueError("per-window conds (local prompts) need tile_size")
-        return None
-    return _Tiles(x, tile_size, tile_stride or tile_size // 2, tile_batch_size, cond)
 
 
 @torch.no_grad()
@@ -415,9 +418,8 @@ def sample_restore_edm(denoiser, noise: torch.Tensor, x_center: torch.Tensor | N
     def inputs_for(i, st, state):
         return {"x_center": x_center, "eps": draw(i) if st.churn_std > 0 else None}
 
-    step = lambda **kw: edm_step(denoiser, **kw)  # noqa: E731
-    return _loop(step, steps, x, cond, uncond, inputs_for, tiles=_tiles_for(x, cond, tile_size, tile_stride, tile_batch_size),
-                 callback=callback, tile_callback=tile_callback)
+    return _loop(partial(edm_step, denoiser), steps, x, cond, uncond, inputs_for, tile_size, tile_stride,
+                 tile_batch_size, callback, tile_callback)
 
 
 @torch.no_grad()
@@ -461,6 +463,5 @@ def sample_restore_dpmpp2m(denoiser, noise: torch.Tensor, cond: Cond | list[Cond
     def inputs_for(i, st, state):
         return {"old_denoised": state.get("denoised"), "eps": draw(i) if st.noise_scale > 0 else None}
 
-    step = lambda **kw: dpmpp2m_step(denoiser, **kw)  # noqa: E731
-    return _loop(step, steps, x, cond, uncond, inputs_for, tiles=_tiles_for(x, cond, tile_size, tile_stride, tile_batch_size),
-                 callback=callback, tile_callback=tile_callback)
+    return _loop(partial(dpmpp2m_step, denoiser), steps, x, cond, uncond, inputs_for, tile_size, tile_stride,
+                 tile_batch_size, callback, tile_callback)

@@ -98,9 +98,9 @@ def test_skip_existing_unless_overwrite_and_compare(capsys, weights, images, tmp
     assert run(capsys, weights, "--image", images / "a.png", "--out", out)[0] == 0
     first = (out / "a.png").stat().st_mtime_ns
     code, err = run(capsys, weights, "--image", images / "a.png", "--out", out)
-    assert code == 0 and "skip" in err and (out / "a.png").stat().st_mtime_ns == first
+    assert code == 0 and "output exists" in err and (out / "a.png").stat().st_mtime_ns == first
     code, err = run(capsys, weights, "--image", images / "a.png", "--out", out, "--compare")  # compare missing
-    assert code == 0 and "skip" not in err
+    assert code == 0 and "output exists" not in err
     compare = Image.open(out / "a_compare.png")
     assert compare.size == (128, 64)
     assert np.array_equal(np.asarray(compare)[:, 64:], np.asarray(Image.open(out / "a.png")))

@@ -28,7 +28,8 @@ class ToyNet:
 def toy_cond(b=1, h=8, w=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     control = torch.randn(b, 4, h, w, generator=g)
-    c = {"crossattn": torch.randn(b, 3, 8, generator=g), "vector": torch.randn(b, 6, generator=g) + 1, "control": control}
+    c = {"crossattn": torch.randn(b, 3, 8, generator=g), "vector": torch.randn(b, 6, generator=g) + 1,
+         "control": control}
     uc = {"crossattn": torch.zeros(b, 3, 8), "vector": torch.zeros(b, 6), "control": control}
     return c, uc
 
@@ -41,7 +42,8 @@ def test_legacy_schedule():
     assert s.dtype == torch.float32 and s.shape == (5,) and s[-1] == 0 and (s[:-1].diff() < 0).all()
     assert abs(s[0].item() - 14.614641) < 1e-5
     table = S.denoiser_sigmas()
-    assert table.shape == (1000,) and (table.diff() > 0).all() and torch.equal(table.flip(0), S.legacy_ddpm_sigmas(1000)[:-1])
+    assert table.shape == (1000,) and (table.diff() > 0).all()
+    assert torch.equal(table.flip(0), S.legacy_ddpm_sigmas(1000)[:-1])
 
 
 def test_trailing_and_karras():
@@ -92,7 +94,8 @@ def test_denoiser_fixture_denoised():
     net.load_state_dict(fx.weights, strict=True)
     cond = {k: fx.inputs[f"den.c.{k}"] for k in ("crossattn", "vector", "control")}
     with torch.no_grad():
-        out = S.Denoiser(net.eval())(fx.inputs["den.input"], fx.inputs["den.sigma"], cond, fx.config["den_control_scale"])
+        out = S.Denoiser(net.eval())(fx.inputs["den.input"], fx.inputs["den.sigma"], cond,
+                                     fx.config["den_control_scale"])
     fx.check("den.denoised", out)
 
 
@@ -185,9 +188,10 @@ def test_replay_tiled_first_steps(kind):
                   eps_fn=lambda i: fx.inputs[f"{n}.eps.{i}"], callback=callback, tile_callback=tile_callback)
         with pytest.raises(StopIteration):
             if edm:
-                S.sample_restore_edm(den, fx.inputs[f"{n}.noise"], fx.inputs["x_center"], cond, uc, s_churn=case["s_churn"],
-                                     restore_cfg=case["restore_cfg"], control_scale_start=case["control_scale_start"]
-                                     if case["use_linear_control_scale"] else None, **kw)
+                linear = case["use_linear_control_scale"]
+                S.sample_restore_edm(den, fx.inputs[f"{n}.noise"], fx.inputs["x_center"], cond, uc,
+                                     s_churn=case["s_churn"], restore_cfg=case["restore_cfg"],
+                                     control_scale_start=case["control_scale_start"] if linear else None, **kw)
             else:
                 S.sample_restore_dpmpp2m(den, fx.inputs[f"{n}.noise"], cond, uc, eta=case["eta"], **kw)
         for i, info in enumerate(rec):
@@ -248,7 +252,8 @@ def test_cfg_is_one_batched_call():
 def test_linear_control_and_cfg_schedules():
     steps = S.edm_schedule(S.legacy_ddpm_sigmas(8), cfg_scale=4.0, cfg_scale_start=7.5,
                            control_scale=0.9, control_scale_start=0.2, restore_cfg=4.0)
-    assert steps[0].control_scale == pytest.approx(0.2, abs=1e-5) and steps[-1].control_scale == pytest.approx(0.9, abs=0.03)
+    assert steps[0].control_scale == pytest.approx(0.2, abs=1e-5)
+    assert steps[-1].control_scale == pytest.approx(0.9, abs=0.03)
     assert steps[0].cfg_scale == pytest.approx(7.5, abs=1e-4) and steps[-1].cfg_scale < 4.1
     assert steps[-1].restore_weight == 0 and steps[0].restore_weight == pytest.approx(1.0, abs=1e-4)
 
@@ -268,7 +273,8 @@ def test_windows_cover_latent():
             assert he - hi == min(tile, h) and we - wi == min(tile, w)
             covered[hi:he, wi:we] += 1
         assert (covered > 0).all() and windows[-1][1] == h and windows[-1][3] == w
-    assert S.sliding_windows(24, 44, 16, 8)[:5] == [(0, 16, 0, 16), (0, 16, 8, 24), (0, 16, 16, 32), (0, 16, 24, 40), (0, 16, 28, 44)]
+    assert S.sliding_windows(24, 44, 16, 8)[:5] == [(0, 16, 0, 16), (0, 16, 8, 24), (0, 16, 16, 32), (0, 16, 24, 40),
+                                                    (0, 16, 28, 44)]
     g = S.gaussian_weights(16)
     assert torch.equal(g, g.flip(1)) and not torch.equal(g, g.flip(0)) and g.argmax() // 16 == 8
 
