@@ -20,33 +20,38 @@ bit for bit) and, at the end, lora.safetensors in kohya's format. See README "Tr
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
-from mini_supir import degrade, lora, pipeline, supir
-from mini_supir.pipeline import Restorer
-from mini_supir.sampler import Denoiser, denoiser_sigmas
+from mini_supir import degrade, lora, supir
+from mini_supir.sampler import Denoiser
+from mini_supir.train_utils import (DEGRADATIONS, Crops, DataError, Order, atomic, collate, frobenius, learning_rate, mix,
+                                    plot_loss, read_log, rng_state, sample_sigmas, scan_folder, set_rng_state,
+                                    training_loss, write_log)
 
-TARGETS = {"attention": lora.ATTENTION, "transformer": lora.TRANSFORMER}
+try:  # previews only; training never needs the restoration pipeline
+    from mini_supir import pipeline
+except ImportError as e:
+    pipeline, PIPELINE_ERROR = None, e
+
+# "conv" adds the ResBlock convolutions (kohya's LoCon): the only adapters at the full latent resolution,
+# where SDXL's UNet has no transformers.
+TARGETS = {"attention": lora.ATTENTION, "transformer": lora.TRANSFORMER,
+           "conv": lora.TRANSFORMER + ("in_layers.2", "out_layers.3", "skip_connection")}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -116,240 +121,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Degradations: HQ crop (1, 3, R, R) in [0, 1] + a generator -> (LQ at the HQ size, per-pixel loss weight or None)
-
-Degradation = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor | None]]
-
-
-def restoration_pair(hq: torch.Tensor, generator: torch.Generator, setting: str) -> tuple[torch.Tensor, None]:
-    # SUPIR feeds the LQ image upsampled back to the HQ size to its denoise encoder.
-    return degrade.upsample(degrade.degrade(hq, setting, generator=generator), hq.shape[-2:]), None
-
-
-DEGRADATIONS: dict[str, Degradation] = {name: partial(restoration_pair, setting=name) for name in degrade.SETTINGS}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data
-
-
-def mix(*parts: int) -> int:
-    """A 63-bit seed from integers (numpy's SeedSequence hashing: nearby inputs give unrelated seeds)."""
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def scan_folder(folder: Path, default_caption: str, warn: bool) -> tuple[list[Path], list[str]]:
-    """(image files that open, their captions), sorted by name; the others are skipped with a warning."""
-    if not folder.is_dir():
-        raise SystemExit(f"error: --data {folder} is not a folder")
-    files, captions = [], []
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in degrade.IMAGE_SUFFIXES):
-        try:
-            with Image.open(path) as im:
-                im.verify()  # headers and (PNG) checksums, without decoding: cheap for big folders
-            text = path.with_suffix(".txt")
-            captions.append(text.read_text(encoding="utf-8").strip() if text.exists() else default_caption)
-            files.append(path)
-        except Exception as e:  # PIL raises many kinds for broken files; one bad file must not end the run
-            if warn:
-                warnings.warn(f"skipping {path.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    if not files:
-        raise SystemExit(f"error: no readable images ({', '.join(degrade.IMAGE_SUFFIXES)}) in {folder}")
-    return files, captions
-
-
-class Crops(torch.utils.data.Dataset):
-    """Item (file index, seed) -> random HQ crop, its degraded LQ, loss weight and (possibly dropped) caption.
-    Every random choice comes from the item's seed, so an item is the same in any worker, run or resume."""
-
-    def __init__(self, files: list[Path], captions: list[str], resolution: int, degradation: Degradation,
-                 caption_dropout: float):
-        self.files, self.captions, self.resolution = files, captions, resolution
-        self.degradation, self.caption_dropout = degradation, caption_dropout
-
-    def __len__(self):
-        return len(self.files)
-
-    def load(self, index: int) -> tuple[int, torch.Tensor]:
-        """The image, or the next one that decodes (files can break after the scan, e.g. truncated JPEGs)."""
-        for k in range(len(self.files)):
-            i = (index + k) % len(self.files)
-            try:
-                return i, degrade.load_image(self.files[i])
-            except Exception as e:
-                warnings.warn(f"skipping unreadable {self.files[i].name}: {type(e).__name__}: {e}")
-        raise RuntimeError("no image in the data folder can be decoded any more")
-
-    def crop(self, img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        r = self.resolution
-        h, w = img.shape[-2:]
-        if min(h, w) < r:  # small images are scaled up to cover the crop
-            s = r / min(h, w)
-            img = degrade.resize(img, (max(r, round(h * s)), max(r, round(w * s)))).clamp(0, 1)
-            h, w = img.shape[-2:]
-        top = int(torch.randint(h - r + 1, (), generator=g))
-        left = int(torch.randint(w - r + 1, (), generator=g))
-        return img[..., top:top + r, left:left + r]
-
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, seed = key
-        g = torch.Generator().manual_seed(seed)
-        drop = torch.rand((), generator=g).item() < self.caption_dropout
-        index, img = self.load(index)
-        hq = self.crop(img, g)
-        lq, weight = self.degradation(hq, g)
-        ones = torch.ones_like(hq[:, :1])
-        return {"hq": hq[0], "lq": lq[0], "weight": (ones if weight is None else weight)[0],
-                "caption": "" if drop else self.captions[index]}
-
-
-def collate(items: list[dict]) -> dict:
-    return {k: [it[k] for it in items] if k == "caption" else torch.stack([it[k] for it in items])
-            for k in items[0]}
-
-
-class Order:
-    """The per-rank stream of (file index, item seed): every epoch a seeded permutation of the files, dealt
-    round-robin to the ranks (each gets len // world files, the same number). Position = samples taken by this
-    rank so far, the only state a resume needs."""
-
-    def __init__(self, n: int, seed: int, rank: int, world: int):
-        if n < world:
-            raise SystemExit(f"error: {n} images cannot be shared among {world} processes")
-        self.n, self.seed, self.rank, self.world = n, seed, rank, world
-        self.per_epoch = n // world
-
-    def __getitem__(self, position: int) -> tuple[int, int, int]:
-        """(file index, item seed, epoch) of the sample at `position`."""
-        epoch, j = divmod(position, self.per_epoch)
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(mix(self.seed, 1, epoch)))
-        index = int(perm[self.rank + j * self.world])
-        return index, mix(self.seed, 3, epoch, index), epoch
-
-    def batches(self, start: int, batch_size: int):
-        position = start
-        while True:
-            yield [self[p][:2] for p in range(position, position + batch_size)]
-            position += batch_size
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The objective
-
-
-def sample_sigmas(n: int, args, generator: torch.Generator) -> torch.Tensor:
-    """sgm's DiscreteSampling (uniform index into the 1000 training sigmas) or EDMSampling (lognormal)."""
-    if args.sigma_sampling == "discrete":
-        lo, hi = args.timestep_range
-        return denoiser_sigmas()[torch.randint(lo, hi + 1, (n,), generator=generator)]
-    return (args.p_mean + args.p_std * torch.randn(n, generator=generator)).exp()
-
-
-def training_loss(denoiser: Denoiser, x0: torch.Tensor, cond: dict, sigmas: torch.Tensor, noise: torch.Tensor,
-                  weight: torch.Tensor) -> torch.Tensor:
-    """Per-sample sgm StandardDiffusionLoss (l2) with EpsWeighting w = sigma^-2, optionally pixel-weighted."""
-    s = sigmas.view(-1, 1, 1, 1)
-    D = denoiser(x0 + noise * s, sigmas, cond)
-    return (weight * s ** -2 * (D - x0) ** 2).flatten(1).mean(1)
-
-
-def frobenius(params: list[torch.Tensor]) -> torch.Tensor:
-    """sum ||A||_F^2 + ||B||_F^2 over the adapters (SUPIR eq. 16's penalty keeps the update small)."""
-    return sum(p.float().pow(2).sum() for p in params)
-
-
-def learning_rate(step: int, args) -> float:
-    """Linear warm-up to --lr, then cosine down to --min-lr at --max-steps."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    t = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Outputs: atomic files, log, loss curve, checkpoint
-
-
-def atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder and rename: a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-LOG_FIELDS = ["step", "epoch", "loss", "penalty", "lr", "grad_norm", "seconds"]
-
-
-def read_log(path: Path, upto: int | None = None) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return [r for r in csv.DictReader(f) if upto is None or int(r["step"]) <= upto]
-
-
-def write_log(path: Path, rows: list[dict]) -> None:
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            out = csv.DictWriter(f, LOG_FIELDS)
-            out.writeheader()
-            out.writerows(rows)
-    atomic(path, write)
-
-
-def plot_loss(path: Path, steps: list[int], losses: list[float], size=(720, 400)) -> None:
-    """Loss per step (grey) and its running mean (blue) on a log axis, drawn with pillow."""
-    if len(losses) < 2:
-        return
-    W, H = size
-    left, right, top, bottom = 64, 16, 28, 36
-    logs = [math.log10(max(v, 1e-12)) for v in losses]
-    lo, hi = min(logs), max(logs)
-    hi = hi if hi > lo else lo + 1
-    x = lambda s: left + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (W - left - right)  # noqa: E731
-    y = lambda v: top + (hi - v) / (hi - lo) * (H - top - bottom)  # noqa: E731
-    im = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(im)
-    draw.rectangle([left, top, W - right, H - bottom], outline="black")
-    for k in range(math.floor(lo), math.ceil(hi) + 1):
-        for m in (1, 2, 5):
-            v = k + math.log10(m)
-            if lo <= v <= hi:
-                draw.line([left, y(v), W - right, y(v)], fill=(225, 225, 225))
-                draw.text((4, y(v) - 6), f"{10 ** v:.3g}", fill="black")
-    draw.line([(x(s), y(v)) for s, v in zip(steps, logs)], fill=(170, 170, 170))
-    smooth, avg = [], None
-    for v in losses:
-        avg = v if avg is None else 0.9 * avg + 0.1 * v
-        smooth.append(math.log10(max(avg, 1e-12)))
-    draw.line([(x(s), y(v)) for s, v in zip(steps, smooth)], fill=(30, 90, 200), width=2)
-    draw.text((left, 8), f"training loss (log scale): first {losses[0]:.4g}, last {losses[-1]:.4g}, "
-                         f"running mean {10 ** smooth[-1]:.4g}", fill="black")
-    draw.text((left, H - bottom + 8), f"step {steps[0]}", fill="black")
-    draw.text((W - right - 80, H - bottom + 8), f"step {steps[-1]}", fill="black")
-    atomic(path, lambda tmp: im.save(tmp, format="PNG"))
-
-
-def rng_state(noise: torch.Generator) -> dict:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": random.getstate(), "noise": noise.get_state()}
-
-
-def set_rng_state(state: dict, noise: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    noise.set_state(state["noise"])
-
-
 def gather(obj, world: int) -> list:
     if world == 1:
         return [obj]
@@ -363,10 +134,14 @@ def gather(obj, world: int) -> list:
 
 
 class Trainer:
+    """The frozen SUPIR model with a trainable UNet LoRA, its optimiser, data stream and run directory."""
+
     def __init__(self, args):
         self.args = args
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         self.device = self.pick_device()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         if self.world > 1:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.main = self.rank == 0
@@ -382,8 +157,7 @@ class Trainer:
         self.data = Crops(files, captions, args.resolution, degradation, args.caption_dropout)
         self.order = Order(len(files), args.seed, self.rank, self.world)
 
-        self.restorer = self.build_model()
-        self.model = self.restorer.model
+        self.model = self.build_model()
         self.vae = self.model.first_stage_model
         self.preview = self.preview_setup() if args.preview_every > 0 and self.main else None
         self.text_cache = self.setup_text(captions)
@@ -409,10 +183,11 @@ class Trainer:
     # -- setup -------------------------------------------------------------------------------------------
 
     def pick_device(self) -> torch.device:
-        if self.args.device == "auto" and self.world > 1 and torch.cuda.is_available():
-            return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', self.rank))}")
-        device = pipeline.pick_device(self.args.device)
-        return torch.device("cpu") if device.type == "mps" else device  # no bf16 autocast / fused AdamW there
+        if self.args.device != "auto":
+            return torch.device(self.args.device)
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if self.world > 1 else "cuda")
 
     def check_resolution(self):
         cfg = supir.PRESETS[self.args.model]
@@ -421,16 +196,21 @@ class Trainer:
         if self.args.resolution % multiple or self.args.resolution % scale:
             raise SystemExit(f"error: --resolution must be a multiple of {multiple} and of the degradation's scale {scale}")
 
-    def build_model(self) -> Restorer:
+    def build_model(self) -> supir.SUPIR:
         a = self.args
         cfg = supir.PRESETS[a.model]
-        placement = dict(device=self.device, dtype=self.dtype, vae_dtype=self.dtype)
         if a.model != "sdxl" and a.sdxl is None and a.supir is None:
-            # the seeded random model `sample.py --model tiny` restores with
-            return Restorer.random(cfg, seed=0, **placement)
-        if a.model != "sdxl" and (a.sdxl is None or a.supir is None):
+            # the seeded random model of `sample.py --model tiny` (pipeline.Restorer.random): built on the
+            # CPU, so every rank and device starts from the same weights
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = supir.build(cfg, "cpu")
+        elif a.model != "sdxl" and (a.sdxl is None or a.supir is None):
             raise SystemExit("error: --model tiny / medium with weight files needs both --sdxl and --supir")
-        return Restorer.from_files(a.sdxl or "sdxl", a.supir or "Q", cfg, **placement)
+        else:  # cast while reading: host RAM holds one copy at the training precision
+            model = supir.load(cfg, a.sdxl or "sdxl", a.supir or "Q",
+                               {p: self.dtype for p in ("model.", "conditioner.", "first_stage_model.")})
+        return model.to(self.device, self.dtype).eval().requires_grad_(False)
 
     def setup_text(self, captions: list[str]) -> dict | None:
         """Text encoders on the device for the run, or (--cache-text) every caption encoded once and the
@@ -443,7 +223,9 @@ class Trainer:
         for i in range(0, len(texts), 16):
             out = conditioner.encode(texts[i:i + 16])
             cache.update({t: {k: v[j:j + 1] for k, v in out.items()} for j, t in enumerate(texts[i:i + 16])})
-        self.restorer.free_text_encoders()
+        if self.preview is not None:  # the preview prompts are cached in its restorer
+            self.preview["restorer"].free_text_encoders()
+        self.model.conditioner = None  # 0.8 B parameters for SDXL
         return cache
 
     @torch.no_grad()
@@ -471,8 +253,13 @@ class Trainer:
             cache[index] = self.encode_images(item, torch.Generator().manual_seed(seed))
         return cache
 
-    def preview_setup(self) -> dict:
-        """The fixed validation pair (centre crop of the image, degraded with seed --seed) and its prompts."""
+    def preview_setup(self) -> dict | None:
+        """The fixed validation pair (centre crop of the image, degraded with seed --seed), its prompts
+        encoded, and a restorer over the training model (made before the LoRA is injected: it casts the
+        model to one dtype, which must not touch the float32 adapters)."""
+        if pipeline is None:
+            warnings.warn(f"previews off: the restoration pipeline does not import ({PIPELINE_ERROR})")
+            return None
         path = self.args.preview_image or self.data.files[0]
         img = degrade.load_image(path)
         r = self.args.resolution
@@ -485,10 +272,11 @@ class Trainer:
         caption = path.with_suffix(".txt").read_text().strip() if path.with_suffix(".txt").exists() else self.args.default_caption
         # the LQ is given at the HQ size, as in training; SUPIR's Quality settings with few steps
         settings = replace(pipeline.QUALITY, steps=self.args.preview_steps, min_size=0, prompt=caption)
-        self.restorer.encode_prompts([settings.positive_text, settings.negative])
+        restorer = pipeline.Restorer(self.model, self.device, self.dtype, self.dtype)
+        restorer.encode_prompts([settings.positive_text, settings.negative])
         to_pil = lambda x: Image.fromarray(degrade.to_uint8(x)[0])  # noqa: E731
         (self.out / "previews").mkdir(exist_ok=True)
-        return {"hq": to_pil(hq), "lq": to_pil(lq), "settings": settings}
+        return {"hq": to_pil(hq), "lq": to_pil(lq), "settings": settings, "restorer": restorer}
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 
@@ -555,7 +343,7 @@ class Trainer:
         self.swap_ema()
         self.model.eval()
         try:
-            restored = self.restorer.restore(self.preview["lq"], self.preview["settings"], seed=self.args.seed)
+            restored = self.preview["restorer"].restore(self.preview["lq"], self.preview["settings"], seed=self.args.seed)
         finally:
             self.model.train()
             self.swap_ema()
@@ -576,10 +364,8 @@ class Trainer:
                 x0, z, w = (torch.cat(t) for t in zip(*(self.latent_cache[i] for i, _ in batch)))
                 yield {"latents": (x0, z, w), "caption": ["" if d else c for d, c in zip(drop, items)]}
             return
-        loader = torch.utils.data.DataLoader(self.data, batch_sampler=keys, num_workers=self.args.workers,
-                                             collate_fn=collate, persistent_workers=False,
-                                             prefetch_factor=2 if self.args.workers else None)
-        yield from loader
+        yield from torch.utils.data.DataLoader(self.data, batch_sampler=keys, num_workers=self.args.workers,
+                                               collate_fn=collate)
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Mean training loss of one micro-batch (all draws from the run's noise generator, on the CPU)."""
@@ -635,10 +421,16 @@ class Trainer:
         self.stop = True  # finish the step, save, exit; a second signal kills as usual
         signal.signal(signum, signal.SIG_DFL)
 
-    def run(self):
+    def run(self) -> int:
+        previous = {sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self.loop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def loop(self) -> int:
         a = self.args
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.request_stop)
         self.model.train()
         if self.preview is not None and self.step == 0:
             self.write_preview()
@@ -655,7 +447,7 @@ class Trainer:
                                  **{k: f"{v:.6g}" for k, v in info.items()}, "seconds": f"{time.time() - t0:.2f}"})
             if not math.isfinite(info["loss"]):
                 raise SystemExit(f"error: loss is {info['loss']} at step {self.step}")
-            stop = torch.tensor(float(self.stop))
+            stop = torch.tensor(float(self.stop), device=self.device)
             if self.world > 1:
                 dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # one rank interrupted: all save and stop together
             last = self.step == a.max_steps or stop.item() > 0
@@ -681,7 +473,11 @@ class Trainer:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    trainer = Trainer(args)
+    try:
+        trainer = Trainer(args)
+    except DataError as e:
+        print(f"error: --data: {e}", file=sys.stderr)
+        return 2
     try:
         return trainer.run()
     finally:

@@ -6,7 +6,8 @@
 Stages: text encode (positive + negative prompt, once), stage 1 (denoise-encode + decode), sampling (re-encode
 of the stage-1 image + the sampler loop), decode (+ colour fix). Peak memory: torch.cuda.max_memory_allocated
 per stage on a GPU; on the CPU the process's peak RSS so far (resource.getrusage: it never goes down, so read
-the increase). Random weights cost exactly what trained ones do. One untimed warm-up run comes first.
+the increase from row to row). Random weights cost exactly what trained ones do. On a GPU one untimed
+warm-up run comes first.
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ def main(argv=None) -> None:
     params = sum(p.numel() for p in restorer.model.parameters()) / 1e6
 
     before = peak_mb(device)
-    run(restorer, image, replace(settings, steps=1))  # warm-up: allocator, kernels, caches
+    if device.type == "cuda":  # warm-up (kernel selection, allocator); on the CPU it would hide the peaks
+        run(restorer, image, replace(settings, steps=1))
     rows = run(restorer, image, settings)
     mem = "peak allocated MiB" if device.type == "cuda" else "peak RSS MiB (so far)"
     print(f"model {args.model} ({params:.1f} M params, random), {args.size}x{args.size} px, {args.sampler} "

@@ -31,13 +31,15 @@ class ZeroSFT(nn.Module):
 
     def forward(self, c: torch.Tensor, h: torch.Tensor, h_ori: torch.Tensor | None = None,
                 control_scale: float = 1.0) -> torch.Tensor:
-        h_raw = h if h_ori is None else torch.cat([h_ori, h], dim=1)
-        h = h + self.zero_conv(c)
+        out = h + self.zero_conv(c)
         if h_ori is not None:
-            h = torch.cat([h_ori, h], dim=1)
+            out = torch.cat([h_ori, out], dim=1)
         actv = self.mlp_shared(c)
-        h = self.param_free_norm(h) * (1 + self.zero_mul(actv)) + self.zero_add(actv)
-        return h * control_scale + h_raw * (1 - control_scale)
+        out = self.param_free_norm(out) * (1 + self.zero_mul(actv)) + self.zero_add(actv)
+        if control_scale == 1:  # the blend below gives exactly `out` (for finite inputs): skip its copies
+            return out
+        h_raw = h if h_ori is None else torch.cat([h_ori, h], dim=1)
+        return out * control_scale + h_raw * (1 - control_scale)
 
 
 class ZeroCrossAttn(nn.Module):

@@ -216,8 +216,9 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # As the reference: older PyTorch has no bfloat16 nearest-upsample kernel; the round trip is exact.
-        return self.conv(F.interpolate(x.float(), scale_factor=2, mode="nearest").to(x.dtype))
+        # The reference upsamples in float32 (old PyTorch lacked a bfloat16 kernel); nearest copies values, so
+        # the native-dtype kernel gives the same bits without a float32 copy four times the input's size.
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
 class Block(nn.Sequential):

@@ -1,8 +1,11 @@
-"""SDXL's KL autoencoder (sgm `AutoencoderKL`) with SUPIR's denoise encoder and a tiled encode/decode."""
+"""SDXL's KL autoencoder (sgm `AutoencoderKL`) with SUPIR's denoise encoder and an exact tiled encode/decode.
+
+Module names mirror the `first_stage_model.*` checkpoint keys. `encode` returns and `decode` takes latents
+already multiplied by SCALE_FACTOR, the form the diffusion model works in.
+"""
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-SCALE_FACTOR = 0.13025  # SDXL latent scale: SUPIR multiplies encoded latents by it and divides before decoding
+SCALE_FACTOR = 0.13025  # SDXL's latent scale: SUPIR multiplies encoded latents by it and divides before decoding
+GROUPS = 32
 
 
 @dataclass(frozen=True)
@@ -38,22 +42,26 @@ class VAEConfig:
 
 
 SDXL_VAE = VAEConfig()
-TINY = VAEConfig(ch=32, ch_mult=(1, 1, 1, 2))  # same 8x downsampling as SDXL, 32 groups need ch >= 32
+TINY = VAEConfig(ch=32, ch_mult=(1, 1, 1, 2))  # same 8x downsampling as SDXL; 32 groups need ch >= 32
 
 
 class GroupNorm(nn.GroupNorm):
-    """GroupNorm(32, C, eps=1e-6), the VAE's `Normalize`.
+    """The VAE's `Normalize`: GroupNorm(32, C, eps=1e-6).
 
-    Tiled encode/decode sets `tiling` so that every tile is normalised with the statistics of the whole
-    image rather than its own (see `_GroupNormStats`); otherwise this is plain `nn.GroupNorm`.
-    """
+    `stats` = (mean, var), each (B, 32), replaces the statistics of `x` when `x` is only a tile of the
+    feature map being normalised (tiled encode/decode)."""
 
     def __init__(self, channels: int):
-        super().__init__(32, channels, eps=1e-6)
-        self.tiling: _GroupNormStats | None = None
+        super().__init__(GROUPS, channels, eps=1e-6)
 
-    def forward(self, x):
-        return super().forward(x) if self.tiling is None else self.tiling.normalize(self, x)
+    def forward(self, x, stats: tuple[torch.Tensor, torch.Tensor] | None = None):
+        if stats is None:
+            return super().forward(x)
+        # fold the statistics into a per-(batch, channel) affine map: one pass over the tile
+        mean, var = (s.to(x.device).repeat_interleave(x.shape[1] // GROUPS, dim=1) for s in stats)
+        scale = self.weight.float() * torch.rsqrt(var + self.eps)
+        shift = self.bias.float() - mean * scale
+        return torch.addcmul(shift[:, :, None, None], x.float(), scale[:, :, None, None]).to(x.dtype)
 
 
 class ResnetBlock(nn.Module):
@@ -65,14 +73,20 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
+    # The block is two halves, each GroupNorm -> SiLU -> 3x3 conv: the units of tiled execution, where
+    # `stats` carries the whole feature map's GroupNorm statistics.
+    def first_half(self, x, stats=None):
+        return self.conv1(F.silu(self.norm1(x, stats)))
+
+    def second_half(self, h, x, stats=None):
+        return self.nin_shortcut(x) + self.conv2(F.silu(self.norm2(h, stats)))
+
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.nin_shortcut(x) + h
+        return self.second_half(self.first_half(x), x)
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all H*W positions (only used at the latent resolution)."""
+    """Single-head self-attention over all H*W positions (only at the latent resolution, in `mid`)."""
 
     def __init__(self, ch: int):
         super().__init__()
@@ -81,7 +95,8 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         h = self.norm(x)
-        q, k, v = (rearrange(proj(h), "b c h w -> b 1 (h w) c") for proj in (self.q, self.k, self.v))
+        # contiguous: with strided inputs the CPU SDPA falls back to materialising the (HW)^2 score matrix
+        q, k, v = (rearrange(proj(h), "b c h w -> b 1 (h w) c").contiguous() for proj in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)  # default scale C**-0.5, as in sgm
         return x + self.proj_out(rearrange(h, "b 1 (h w) c -> b c h w", h=x.shape[2]))
 
@@ -92,7 +107,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(ch, ch, 3, stride=2)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # sgm pads right/bottom only, so outputs stay aligned to 2x2 cells
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # sgm pads right/bottom only
 
 
 class Upsample(nn.Module):
@@ -135,10 +150,10 @@ class Level(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Image (B, 3, H, W) -> moments (B, 2*z_channels, H/f, W/f).
+    """Image (B, 3, H, W) -> (B, 2*z_channels, H/8, W/8) (mean and log-variance before quant_conv).
 
-    Split in two for tiling: `down_path` (convolutions only, local) and `mid_path` (latent resolution,
-    with global attention)."""
+    `down_path` (convolutions, GroupNorms) is what tiling splits; `mid_path` runs at the latent resolution
+    and holds the only global operation besides GroupNorm, the attention."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -165,7 +180,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent (B, z_channels, h, w) -> image (B, out_ch, h*f, w*f); `mid_path` then `up_path` (see Encoder)."""
+    """Latent (B, z_channels, h, w) -> image (B, out_ch, 8h, 8w): `mid_path` then `up_path` (see Encoder)."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -181,42 +196,64 @@ class Decoder(nn.Module):
     def mid_path(self, z):
         return self.mid(self.conv_in(z))
 
+    def out(self, h, stats=None):
+        return self.conv_out(F.silu(self.norm_out(h, stats)))
+
     def up_path(self, h):
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.out(h)
 
     def forward(self, z):
         return self.up_path(self.mid_path(z))
 
 
 class AutoencoderKL(nn.Module):
+    """The SDXL VAE (`first_stage_model`), optionally with SUPIR's `denoise_encoder`.
+
+    Images are (B, 3, H, W) in [-1, 1]; latents are (B, 4, H/8, W/8) and SCALED (x SCALE_FACTOR). Inputs are
+    cast to the weights' dtype; latents and images come back in float32. `tile` switches to the
+    exact tiled path (see `_Tiler`): same result up to float rounding, bounded accelerator memory."""
+
     def __init__(self, cfg: VAEConfig, denoise_encoder: bool = False):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         if denoise_encoder:
-            self.denoise_encoder = Encoder(cfg)  # SUPIR's degradation-robust copy; shares quant_conv
+            self.denoise_encoder = Encoder(cfg)  # SUPIR's degradation-robust copy of `encoder`; shares quant_conv
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.quant_conv.weight.dtype
-
-    def _check_dtype(self):
-        if self.dtype == torch.float16:
+    def _weights(self) -> torch.Tensor:
+        w = self.quant_conv.weight
+        if w.dtype == torch.float16:
             raise ValueError("the SDXL VAE overflows to inf/NaN in float16: run it in bfloat16 or float32")
+        return w
 
-    def encode(self, x, *, denoise=False, sample=False, generator=None, tile=None, margin=32, passes=2, blend=0):
-        self._check_dtype()
+    def encode(self, x, *, denoise: bool = False, sample: bool = False, generator: torch.Generator | None = None,
+               tile: int | None = None):
+        """Image -> scaled latent.
+
+        denoise: use `denoise_encoder` (SUPIR stage 1: `encode(lq, denoise=True)`).
+        sample: return `mean + std * noise` instead of the posterior mean (SUPIR's re-encode of the stage-1
+            image: `encode(x_stage1, sample=True, generator=g)`). The noise is drawn in float32 on
+            `generator`'s device, or on the CPU from the global RNG when generator is None (exactly as sgm).
+        tile: split the image into a grid of tiles of at most tile x tile pixels (H, W multiples of 8)
+            and run the full-resolution layers one tile at a time (exact, see `_Tiler`)."""
+        w = self._weights()
+        if denoise and not hasattr(self, "denoise_encoder"):
+            raise ValueError("this AutoencoderKL was built without a denoise_encoder")
         encoder = self.denoise_encoder if denoise else self.encoder
-        x = x.to(self.dtype)
+        x = x.to(w)
         if tile is None:
             h = encoder.down_path(x)
         else:
-            h = _tiled(encoder.down_path, encoder, x, self.cfg.downsample_factor, tile, margin, passes, blend, down=True)
+            f = self.cfg.downsample_factor
+            if x.shape[2] % f or x.shape[3] % f:
+                raise ValueError(f"tiled encode needs H and W divisible by {f}, got {tuple(x.shape[2:])}")
+            tiler = _Tiler.grid(x.shape[2] // f, x.shape[3] // f, max(tile // f, 1), w.device)
+            h = tiler.encoder_down_path(encoder, x).to(w.device)
         mean, logvar = self.quant_conv(encoder.mid_path(h)).float().chunk(2, dim=1)
         if sample:
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
@@ -224,103 +261,103 @@ class AutoencoderKL(nn.Module):
             mean = mean + std * noise.to(mean.device)
         return SCALE_FACTOR * mean
 
-    def decode(self, z, *, tile=None, margin=8, passes=2, blend=0):
-        self._check_dtype()
-        h = self.decoder.mid_path(self.post_quant_conv((z.float() / SCALE_FACTOR).to(self.dtype)))
+    def decode(self, z, *, tile: int | None = None):
+        """Scaled latent -> image; `tile` as in `encode` but in latent pixels (tile=64: 512-pixel image tiles)."""
+        w = self._weights()
+        h = self.decoder.mid_path(self.post_quant_conv((z.float() / SCALE_FACTOR).to(w)))
         if tile is None:
             x = self.decoder.up_path(h)
         else:
-            x = _tiled(self.decoder.up_path, self.decoder, h, self.cfg.downsample_factor, tile, margin, passes, blend, down=False)
+            x = _Tiler.grid(h.shape[2], h.shape[3], tile, w.device).decoder_up_path(self.decoder, h)
         return x.float()
 
 
-class _GroupNormStats:
-    def __init__(self, model):
-        self.layers = [m for m in model.modules() if isinstance(m, GroupNorm)]
-        self.sums = {}
-        self.stats = {}
-        self.core = None
+class _GroupStats:
+    """Per-(batch, group) mean and variance of a feature map, accumulated tile by tile (float64 sums)."""
 
-    @contextmanager
-    def attached(self):
-        for m in self.layers:
-            m.tiling = self
-        try:
-            yield self
-        finally:
-            for m in self.layers:
-                m.tiling = None
+    def __init__(self):
+        self.n, self.sum, self.sum_sq = 0, 0.0, 0.0
 
-    def normalize(self, layer, x):
-        B, C, H, W = x.shape
-        G = layer.num_groups
-        (y0, y1, x0, x1), (h, w) = self.core
-        s = H / h
-        core = x[:, :, round(y0 * s):round(y1 * s), round(x0 * s):round(x1 * s)]
-        var, mean = torch.var_mean(core.float().reshape(B, G, -1), dim=-1, unbiased=False)
-        n = core[0, 0].numel() * (C // G)
-        acc = self.sums.setdefault(layer, [0.0, 0.0, 0])
-        acc[0] = acc[0] + mean.double() * n
-        acc[1] = acc[1] + (var.double() + mean.double() ** 2) * n
-        acc[2] += n
-        if layer not in self.stats:
-            return F.group_norm(x, G, layer.weight, layer.bias, layer.eps)
-        mean, var = self.stats[layer]
-        xg = (x.float().reshape(B, G, -1) - mean[..., None]) * torch.rsqrt(var[..., None] + layer.eps)
-        return (xg.reshape(B, C, H, W) * layer.weight[:, None, None].float() + layer.bias[:, None, None].float()).to(x.dtype)
+    def add(self, t):
+        var, mean = torch.var_mean(t.float().reshape(t.shape[0], GROUPS, -1), dim=-1, unbiased=False)
+        n = t[0].numel() // GROUPS
+        self.n += n
+        self.sum = self.sum + n * mean.double().cpu()
+        self.sum_sq = self.sum_sq + n * (var.double() + mean.double() ** 2).cpu()
+        return self
 
-    def finish_pass(self):
-        self.stats = {}
-        for layer, (s1, s2, n) in self.sums.items():
-            mean = s1 / n
-            self.stats[layer] = (mean.float(), (s2 / n - mean ** 2).float())
-        self.sums = {}
+    def result(self):
+        mean = self.sum / self.n
+        return mean.float(), (self.sum_sq / self.n - mean ** 2).float()
 
 
-def _split(size, tile, margin, align):
-    """[(tile_start, tile_end, core_start, core_end)]: cores partition [0, size); tiles add `margin` context."""
-    if size <= tile:
-        return [(0, size, 0, size)]
-    n = math.ceil(size / (tile - 2 * margin))
-    cuts = [0] + [round(size * i / n / align) * align for i in range(1, n)] + [size]
-    return [(max(a - margin, 0), min(b + margin, size), a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+class _Tiler:
+    """Exact tiled execution of the full-resolution parts of the VAE (`down_path`, `up_path`).
 
+    A GroupNorm couples all pixels of its input, so a network run tile by tile from image to output gives
+    different colours per tile (per-tile statistics) or needs the statistics of activations that do not
+    exist yet. Instead this runs the network layer by layer: each step (a ResnetBlock half, a resampler,
+    conv_in / the output head) reads whole feature maps kept in host memory, computes one tile at a time
+    on `device` with a `halo` of neighbouring pixels as context for its 3x3 convolutions, writes the tile
+    back and accumulates the GroupNorm statistics of what it wrote, which the next step normalises with.
+    The result equals the untiled network up to float rounding; accelerator memory is bounded by one tile,
+    host memory holds about three whole feature maps; every map crosses the bus once per step.
 
-@torch.no_grad()
-def _tiled(fn, model, x, factor, tile, margin, passes, blend, down):
-    B, C, H, W = x.shape
-    align = factor if down else 1
-    rows, cols = _split(H, tile, margin, align), _split(W, tile, margin, align)
-    scale = 1 / factor if down else factor
-    norms = _GroupNormStats(model)
-    with norms.attached():
-        for p in range(passes):
-            out = None
-            for ty0, ty1, cy0, cy1 in rows:
-                for tx0, tx1, cx0, cx1 in cols:
-                    norms.core = (cy0 - ty0, cy1 - ty0, cx0 - tx0, cx1 - tx0), (ty1 - ty0, tx1 - tx0)
-                    y = fn(x[:, :, ty0:ty1, tx0:tx1])
-                    if p < passes - 1:
-                        continue
-                    if out is None:
-                        out = y.new_zeros(B, y.shape[1], round(H * scale), round(W * scale))
-                    if blend == 0:
-                        out[:, :, round(cy0 * scale):round(cy1 * scale), round(cx0 * scale):round(cx1 * scale)] = \
-                            y[:, :, round((cy0 - ty0) * scale):round((cy1 - ty0) * scale), round((cx0 - tx0) * scale):round((cx1 - tx0) * scale)]
-                    else:
-                        wy = _ramp(ty0, ty1, cy0, cy1, H, blend, scale).to(y)
-                        wx = _ramp(tx0, tx1, cx0, cx1, W, blend, scale).to(y)
-                        out[:, :, round(ty0 * scale):round(ty1 * scale), round(tx0 * scale):round(tx1 * scale)] += y * wy[:, None] * wx[None, :]
-            norms.finish_pass()
-    return out
+    The tile grid is fixed in latent pixels (`rows`, `cols`: cut positions) and scaled to each feature map.
+    """
 
+    def __init__(self, rows: list[int], cols: list[int], device: torch.device):
+        self.rows, self.cols, self.device = rows, cols, device
 
-def _ramp(t0, t1, c0, c1, size, r, scale):
-    # weight over output pixels of tile [t0, t1): 1 in the core, linear ramps of half-width r around inner core edges
-    pos = (torch.arange(round(t0 * scale), round(t1 * scale)) + 0.5) / scale
-    w = torch.ones_like(pos)
-    if c0 > 0:
-        w = torch.minimum(w, ((pos - (c0 - r)) / (2 * r)).clamp(0, 1))
-    if c1 < size:
-        w = torch.minimum(w, (((c1 + r) - pos) / (2 * r)).clamp(0, 1))
-    return w
+    @classmethod
+    def grid(cls, latent_height: int, latent_width: int, tile: int, device: torch.device) -> "_Tiler":
+        def cuts(size):
+            n = math.ceil(size / tile)
+            return [round(size * i / n) for i in range(n + 1)]
+        return cls(cuts(latent_height), cuts(latent_width), device)
+
+    def map(self, fn, *maps, scale: int | float = 1, halo: int = 1, stats: bool = True):
+        """Apply the local function `fn` to `maps` (same size) tile by tile; returns (output, its GroupNorm stats)."""
+        B, _, H, W = maps[0].shape
+        r = H // self.rows[-1]  # this map's pixels per latent pixel
+        out, acc = None, _GroupStats()
+        for y0, y1 in zip(self.rows[:-1], self.rows[1:]):
+            y0, y1 = y0 * r, y1 * r
+            for x0, x1 in zip(self.cols[:-1], self.cols[1:]):
+                x0, x1 = x0 * r, x1 * r
+                # No halo past the map's edge: there the ops' own zero padding is what the untiled run sees.
+                ty0, ty1, tx0, tx1 = max(y0 - halo, 0), min(y1 + halo, H), max(x0 - halo, 0), min(x1 + halo, W)
+                y = fn(*(m[:, :, ty0:ty1, tx0:tx1].to(self.device) for m in maps))
+                y = y[:, :, int((y0 - ty0) * scale):int((y1 - ty0) * scale), int((x0 - tx0) * scale):int((x1 - tx0) * scale)]
+                if out is None:
+                    out = torch.empty(B, y.shape[1], int(H * scale), int(W * scale), dtype=y.dtype)
+                out[:, :, int(y0 * scale):int(y1 * scale), int(x0 * scale):int(x1 * scale)] = y.cpu()
+                if stats:
+                    acc.add(y)
+        return out, acc.result() if stats else None
+
+    def resnet_block(self, block: ResnetBlock, x, x_stats):
+        h, h_stats = self.map(lambda t: block.first_half(t, x_stats), x)
+        return self.map(lambda t, s: block.second_half(t, s, h_stats), h, x)
+
+    @torch.no_grad()
+    def encoder_down_path(self, encoder: Encoder, x):
+        h, stats = self.map(encoder.conv_in, x.cpu())
+        for level in encoder.down:
+            for block in level.block:
+                h, stats = self.resnet_block(block, h, stats)
+            if hasattr(level, "downsample"):
+                # the last output row of a tile reads one input pixel past it; a halo of 2 keeps tiles even-aligned
+                h, stats = self.map(level.downsample, h, scale=0.5, halo=2)
+        return h
+
+    @torch.no_grad()
+    def decoder_up_path(self, decoder: Decoder, h):
+        stats = _GroupStats().add(h).result()
+        h = h.cpu()
+        for level in reversed(decoder.up):
+            for block in level.block:
+                h, stats = self.resnet_block(block, h, stats)
+            if hasattr(level, "upsample"):
+                h, stats = self.map(level.upsample, h, scale=2)
+        return self.map(lambda t: decoder.out(t, stats), h, stats=False)[0]

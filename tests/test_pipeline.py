@@ -112,8 +112,21 @@ def test_text_encoders_run_once_per_prompt(restorer, monkeypatch):
     s = replace(FAST, prompt="a lighthouse at dusk")
     restorer.restore(photo(), s, seed=0)
     restorer.restore(photo(), s, seed=1)
-    assert calls == [[s.positive_text]]  # the negative prompt was cached by an earlier test
+    assert calls in ([[s.positive_text]], [sorted([s.positive_text, s.negative])])  # negative: maybe cached before
     assert restorer._text[s.positive_text]["crossattn"].shape == (1, 77, 96)
+
+
+def test_freed_text_encoders_keep_cached_prompts(restorer):
+    conditioner = restorer.conditioner
+    restorer.encode_prompts([FAST.positive_text, FAST.negative])
+    restorer.free_text_encoders()
+    try:
+        assert restorer.model.conditioner is None
+        restorer.restore(photo(), FAST, seed=0)
+        with pytest.raises(RestoreError, match="freed"):
+            restorer.restore(photo(), replace(FAST, prompt="never seen"), seed=0)
+    finally:
+        restorer.model.conditioner = restorer.conditioner = conditioner
 
 
 def test_samplers_and_cfg_free_lightning(restorer):

@@ -1,0 +1,155 @@
+"""evaluate.py end to end on the shared photos: bicubic and a tiny random SUPIR, artefacts, resuming."""
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import evaluate  # noqa: E402
+import sample  # noqa: E402
+from mini_supir import lora, supir  # noqa: E402
+from mini_supir.degrade import degrade, image_seed, load_image, modcrop, quantize, upsample  # noqa: E402
+from mini_supir.metrics import psnr, ssim  # noqa: E402
+
+IMAGES = ROOT.parent / "shared" / "images"
+TINY = ["--gt", str(IMAGES), "--limit", "2", "--gt-crop", "64", "--model", "tiny", "--steps", "2",
+        "--min-size", "0", "--grid-crop", "48"]
+ARTEFACTS = ["results.csv", "summary.md", "bars.png", "gain.png", "grid.png", "run.json"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: per-op overhead dominates
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def style_lora(tmp_path_factory):
+    """A LoRA for the tiny UNet's attention, large enough to change the result."""
+    path = tmp_path_factory.mktemp("lora") / "style.safetensors"
+    model = supir.build(supir.TINY, "cpu")
+    lora.inject_lora(model.model.diffusion_model, "style", rank=4, targets=lora.ATTENTION)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model.model.diffusion_model, "style"):
+            p.normal_(0, 0.5)
+    lora.save_lora(model, path, "style")
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    assert evaluate.main([*TINY, "--out", str(out), "--method", "bicubic", "supir"]) == 0
+    return out
+
+
+def read(out: Path) -> list[dict]:
+    with (out / "results.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_writes_every_artefact(first_run):
+    for name in ARTEFACTS:
+        assert (first_run / name).stat().st_size > 0, name
+    rows = read(first_run)
+    assert [(r["image"], r["method"]) for r in rows] == [
+        ("astronaut.png", "bicubic"), ("coffee.png", "bicubic"), ("astronaut.png", "supir"), ("coffee.png", "supir")]
+    for r in rows:
+        assert (r["height"], r["width"]) == ("64", "64") and r["lpips"] == "" and r["mem_kind"] == "rss"
+        assert float(r["seconds"]) > 0 and float(r["peak_mem_mib"]) > 50
+        assert 5 < float(r["psnr"]) < 60 and 0 < float(r["ssim_y"]) <= 1
+        assert Image.open(first_run / "images" / r["method"] / f"{Path(r['image']).stem}.png").size == (64, 64)
+    summary = (first_run / "summary.md").read_text()
+    assert "| bicubic |" in summary and "| supir |" in summary
+    grid = Image.open(first_run / "grid.png")
+    assert grid.width > 4 * 48 and grid.height > 2 * 48  # GT | LQ | bicubic | supir, two rows
+    assert Image.open(first_run / "bars.png").width > 500
+
+
+def test_bicubic_rows_equal_metrics_computed_directly(first_run):
+    rows = {r["image"]: r for r in read(first_run) if r["method"] == "bicubic"}
+    for name, row in rows.items():
+        gt = load_image(IMAGES / name)
+        h, w = gt.shape[-2:]
+        gt = modcrop(gt[..., (h - 64) // 2:(h - 64) // 2 + 64, (w - 64) // 2:(w - 64) // 2 + 64], 4)
+        out = quantize(upsample(degrade(gt, "sr4-blur2", seed=image_seed(0, name)), (64, 64)))
+        assert float(row["psnr"]) == pytest.approx(psnr(out, gt, crop_border=4).item(), abs=1e-6)
+        assert float(row["ssim"]) == pytest.approx(ssim(out, gt, crop_border=4).item(), abs=1e-6)
+        assert float(row["psnr_y"]) == pytest.approx(psnr(out, gt, 4, y_channel=True).item(), abs=1e-6)
+        assert float(row["ssim_y"]) == pytest.approx(ssim(out, gt, 4, y_channel=True).item(), abs=1e-6)
+        # and independently, by scikit-image on the saved 8-bit PNG
+        saved = np.asarray(Image.open(first_run / "images" / "bicubic" / f"{Path(name).stem}.png"))[4:-4, 4:-4]
+        ref = (gt[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)[4:-4, 4:-4]
+        assert float(row["psnr"]) == pytest.approx(peak_signal_noise_ratio(ref, saved), abs=1e-5)
+        assert float(row["ssim"]) == pytest.approx(structural_similarity(
+            ref, saved, channel_axis=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False), abs=1e-5)
+
+
+def test_resume_computes_only_missing_rows(first_run, tmp_path, monkeypatch, style_lora):
+    out = tmp_path / "resumed"
+    out.mkdir()
+    for name in ["results.csv", "run.json"]:
+        (out / name).write_bytes((first_run / name).read_bytes())
+    lines = (out / "results.csv").read_text().splitlines(keepends=True)
+    # a run killed while writing the last row: that row is dropped and recomputed
+    (out / "results.csv").write_text("".join(lines[:-1]) + lines[-1][:20])
+    calls = []
+    monkeypatch.setattr(evaluate, "bicubic", lambda lq, size: calls.append("bicubic") or upsample(lq, size))
+    build = sample.build_restorer
+    monkeypatch.setattr(sample, "build_restorer", lambda a, d: calls.append(f"load {a.lora}") or build(a, d))
+    assert evaluate.main([*TINY, "--out", str(out), "--method", "bicubic", "supir", "supir+lora",
+                          "--lora", str(style_lora)]) == 0
+    assert calls == ["load []", f"load [({str(style_lora)!r}, 1.0)]"]
+    rows = read(out)
+    assert [(r["image"], r["method"]) for r in rows[3:]] == [
+        ("coffee.png", "supir"), ("astronaut.png", "supir+lora:style"), ("coffee.png", "supir+lora:style")]
+    old = read(first_run)
+    assert rows[:3] == old[:3]  # untouched
+    # the recomputed row has the same pixels: SUPIR is seeded
+    for key in ("psnr", "ssim", "psnr_y", "ssim_y"):
+        assert rows[3][key] == old[3][key]
+    assert rows[4]["psnr"] != old[2]["psnr"]  # the LoRA changes the result
+    assert "supir+lora:style" in (out / "summary.md").read_text()
+
+    calls.clear()
+    before = (out / "results.csv").read_text()
+    assert evaluate.main([*TINY, "--out", str(out), "--method", "bicubic", "supir", "supir+lora",
+                          "--lora", str(style_lora)]) == 0
+    assert calls == [] and (out / "results.csv").read_text() == before
+
+
+def test_changed_settings_are_refused(first_run, tmp_path, capsys):
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "run.json").write_bytes((first_run / "run.json").read_bytes())
+    assert evaluate.main([*TINY, "--out", str(out), "--method", "supir", "--steps", "3"]) == 1
+    assert "supir rows made with other settings" in capsys.readouterr().err
+    assert evaluate.main([*TINY, "--out", str(out), "--setting", "sr4"]) == 1
+    assert "setting='sr4-blur2'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problem, argv", [
+    ("does not exist", ["--gt", "/nonexistent/photos"]),
+    ("no images", ["--gt", "EMPTY"]),
+    ("needs --lora", ["--gt", str(IMAGES), "--method", "supir+lora"]),
+])
+def test_bad_input_one_line_error(tmp_path, capsys, problem, argv):
+    (tmp_path / "empty").mkdir()
+    argv = [str(tmp_path / "empty") if a == "EMPTY" else a for a in argv]
+    assert evaluate.main([*argv, "--out", str(tmp_path / "out")]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and problem in err[0]
+
+
+def test_nice_ticks():
+    assert evaluate.nice_ticks(0, 27.3) == [0, 10, 20, 30]
+    assert evaluate.nice_ticks(0, 0.83) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert evaluate.tick_labels(evaluate.nice_ticks(-0.4, 1.1)) == ["-0.5", "0.0", "0.5", "1.0", "1.5"]

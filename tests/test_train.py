@@ -1,0 +1,138 @@
+"""train.py on the tiny random SUPIR: it learns, resumes bit for bit, runs under torchrun, skips bad images."""
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+from mini_supir import lora, supir  # noqa: E402
+from mini_supir.train_utils import Order  # noqa: E402
+
+IMAGES = ROOT.parent / "shared" / "images"
+PHOTOS = sorted(p for p in IMAGES.glob("*") if p.suffix in (".png", ".jpg"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation on a shared CPU
+    yield
+    torch.set_num_threads(n)
+
+
+def small_args(out, *extra, data=IMAGES):
+    return ["--data", str(data), "--out", str(out), "--model", "tiny", "--resolution", "64", "--workers", "0",
+            "--warmup-steps", "2", *map(str, extra)]
+
+
+def losses(out) -> list[float]:
+    with open(out / "train_log.csv", newline="") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_tiny_model_overfits_four_photos(tmp_path):
+    # The real loss (all 1000 sigmas, fresh noise every step) on 4 fixed crops. Adapters on the ResBlock convs
+    # too: the eps target is per-pixel noise, and only those layers act at the full latent resolution (the
+    # UNet has no transformers there), so attention-only adapters cannot get far below the initial loss of ~1.
+    assert len(PHOTOS) == 4
+    out = tmp_path / "run"
+    assert train.main(small_args(out, "--batch-size", 4, "--cache-latents", "--cache-text", "--caption-dropout", 0,
+                                 "--lora-targets", "conv", "--lr", 5e-3, "--warmup-steps", 5,
+                                 "--max-steps", 40, "--save-every", 1000)) == 0
+    loss = losses(out)
+    assert len(loss) == 40
+    first, last = sum(loss[:5]) / 5, sum(loss[-10:]) / 10  # measured: 1.08 -> 0.35
+    assert last < 0.5 * first, (first, last)
+
+    assert (out / "loss_curve.png").stat().st_size > 0
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+        assert meta["ss_network_dim"] == "16" and meta["ss_steps"] == "40" and meta["ss_num_train_images"] == "4"
+        assert f.get_tensor(next(k for k in f.keys() if k.endswith("lora_up.weight"))).dtype == torch.float16
+    fresh = supir.build(supir.TINY, "cpu")
+    paths = lora.load_lora(fresh, out / "lora.safetensors")
+    assert any("in_layers" in p for p in paths) and all(p.startswith("model.diffusion_model.") for p in paths)
+
+
+def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
+    common = ("--batch-size", 2, "--grad-accum", 2, "--max-steps", 4, "--degradation", "realesrgan",
+              "--ema", 0.9, "--frobenius", 1e-4, "--caption-dropout", 0.5)
+    whole = tmp_path / "whole"
+    assert train.main(small_args(whole, *common)) == 0
+
+    broken = tmp_path / "broken"
+    real_step = train.Trainer.train_step
+
+    def crash_in_step_4(self, batches):  # step 3 is done but not saved: it must be redone
+        if self.step == 3:
+            raise RuntimeError("simulated crash")
+        return real_step(self, batches)
+
+    monkeypatch.setattr(train.Trainer, "train_step", crash_in_step_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.main(small_args(broken, *common, "--save-every", 2))
+    monkeypatch.setattr(train.Trainer, "train_step", real_step)
+    assert len(losses(broken)) == 2  # the log as of the checkpoint at step 2
+    assert train.main(small_args(broken, *common, "--save-every", 2, "--resume")) == 0
+
+    assert losses(broken) == losses(whole)
+    with safe_open(str(whole / "lora.safetensors"), "pt") as a, safe_open(str(broken / "lora.safetensors"), "pt") as b:
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    ckpt = torch.load(broken / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["position"] == 4 * 2 * 2
+
+
+def test_bad_images_are_skipped_with_a_warning(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in PHOTOS[:2]:
+        shutil.copy(p, data / p.name)
+    (data / "broken.png").write_bytes(b"not a png at all")
+    # a JPEG cut short passes the cheap scan (its header is fine) and fails when decoded
+    (data / "cut.jpg").write_bytes((IMAGES / "rocket.jpg").read_bytes()[:3000])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert train.main(small_args(tmp_path / "run", "--batch-size", 3, "--max-steps", 2, "--preview-every", 2,
+                                     "--preview-steps", 2, data=data)) == 0
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith("skipping broken.png") for m in messages), messages
+    assert any(m.startswith("skipping unreadable cut.jpg") for m in messages), messages
+    assert len(losses(tmp_path / "run")) == 2
+    # previews restore the first readable image with the current LoRA: before training and at step 2
+    assert sorted(p.name for p in (tmp_path / "run" / "previews").iterdir()) == ["step_000000.png", "step_000002.png"]
+    assert Image.open(tmp_path / "run" / "previews" / "step_000002.png").size == (3 * 64, 64)  # LQ | restored | HQ
+
+
+def test_order_shards_each_epoch_across_ranks():
+    for world in (1, 2, 3):
+        per_rank = [Order(7, seed=1, rank=r, world=world) for r in range(world)]
+        for epoch in range(3):
+            seen = [o[epoch * (7 // world) + j][0] for o in per_rank for j in range(7 // world)]
+            assert len(set(seen)) == len(seen) == 7 // world * world  # disjoint shards, no repeats
+    a, b = Order(7, 1, 0, 1), Order(7, 1, 0, 1)
+    assert [a[i] for i in range(20)] == [b[i] for i in range(20)]
+    assert [a[i][0] for i in range(7)] != [a[i][0] for i in range(7, 14)]  # a new order every epoch
+
+
+def test_torchrun_two_gloo_processes_write_one_lora(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), *small_args(out, "--batch-size", 1, "--max-steps", 3, "--device", "cpu")]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["lora.safetensors"]
+    assert len(losses(out)) == 3
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["world"] == 2 and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["noise"], ckpt["rng"][1]["noise"])  # each rank draws its own noise
