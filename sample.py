@@ -60,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=sorted(supir.PRESETS), default="sdxl",
-                   help="architecture (default: sdxl); tiny / medium without weight files = random weights: a smoke test that restores nothing")
+                   help="architecture (default: sdxl); tiny / medium without weight files = random weights: "
+                        "a smoke test that restores nothing")
     m.add_argument("--sdxl", help="SDXL single file: path, registry name or repo_id/filename (default: sdxl)")
     m.add_argument("--supir", help="SUPIR file: path, Q, F or repo_id/filename (default: Q, F with --fidelity)")
     m.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="FILE[:SCALE]",
@@ -79,13 +80,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--fidelity", dest="mode", action="store_const", const="fidelity",
                       help="SUPIR v0F, cfg 4, cfg start 1")
     s.add_argument("--sampler", choices=pipeline.SAMPLERS, default="edm",
-                   help="edm (default): SUPIR's restore EDM; dpmpp2m: its Lightning config (8 steps); lightning: Euler on trailing steps (SDXL-Lightning)")
+                   help="edm (default): SUPIR's restore EDM; dpmpp2m: its Lightning config (8 steps); "
+                        "lightning: Euler on trailing steps (SDXL-Lightning)")
     s.add_argument("--steps", type=int, help="edm 50, dpmpp2m 8, lightning 4")
     s.add_argument("--cfg", type=float, help="text guidance at the end of sampling (sigma 0)")
     s.add_argument("--cfg-start", type=optional_float, help="guidance at the start (sigma max); none = constant")
     s.add_argument("--control-scale", type=float, help="strength of the LQ control at the end (default: 1)")
-    s.add_argument("--control-start", type=optional_float, help="control strength at the start (default: none = constant)")
-    s.add_argument("--restore-cfg", type=float, help="pull towards the stage-1 latent, edm (default: 4; <= 0 off, as SUPIR's demo)")
+    s.add_argument("--control-start", type=optional_float,
+                   help="control strength at the start (default: none = constant)")
+    s.add_argument("--restore-cfg", type=float,
+                   help="pull towards the stage-1 latent, edm (default: 4; <= 0 off, as SUPIR's demo)")
     s.add_argument("--s-churn", type=float, help="EDM churn (default: 5)")
     s.add_argument("--s-noise", type=float, help="churn / SDE noise scale (default: 1.003)")
     s.add_argument("--eta", type=float, help="DPM++ SDE noise, dpmpp2m (default: 1)")
@@ -236,7 +240,8 @@ def main(argv=None) -> int:
         fail(out, f"cannot write there ({e.strerror or type(e).__name__})")
         return 1
 
-    todo = [f for f in files if args.overwrite or not all(p.exists() for p in outputs_for(names[f], out, settings, args.compare))]
+    done = lambda f: all(p.exists() for p in outputs_for(names[f], out, settings, args.compare))  # noqa: E731
+    todo = [f for f in files if args.overwrite or not done(f)]
     for f in files:
         if f not in todo:
             tqdm.write(f"skip {f}: output exists (--overwrite to redo)", file=sys.stderr)

@@ -16,6 +16,8 @@ Each step: random HQ crops from the folder, degraded online (degrade.py, seeded)
 Only the UNet's LoRA adapters train; the UNet, control model, VAE and text encoders stay frozen. Everything a
 run writes goes to --out: train_log.csv, loss_curve.png, previews/, checkpoint.pt (--resume continues it
 bit for bit) and, at the end, lora.safetensors in kohya's format. See README "Train a LoRA".
+
+Data set, order, objective and file helpers live in mini_supir/train_utils.py; this file is the run itself.
 """
 from __future__ import annotations
 
@@ -74,8 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=sorted(supir.PRESETS), default="sdxl",
                    help="architecture; tiny / medium without weight files = seeded random weights (smoke test)")
-    m.add_argument("--sdxl", help="SDXL single file: path, registry name or repo_id/filename (default: sdxl)")
-    m.add_argument("--supir", help="SUPIR file: path, Q, F or repo_id/filename (default: Q)")
+    m.add_argument("--sdxl", help="SDXL single file: path, registry name or repo_id/filename; --model sdxl: 'sdxl'")
+    m.add_argument("--supir", help="SUPIR file: path, Q, F or repo_id/filename; --model sdxl: 'Q'")
     m.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="frozen weights and autocast (auto: bf16 on CUDA, fp32 elsewhere); LoRA stays fp32")
     m.add_argument("--device", default="auto", help="auto, cuda, cuda:1 or cpu (torchrun: cuda:LOCAL_RANK)")
@@ -85,7 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--lora-rank", type=int, default=16)
     a.add_argument("--lora-alpha", type=float, help="default: the rank (adapter multiplier 1)")
     a.add_argument("--lora-targets", choices=sorted(TARGETS), default="transformer",
-                   help="attention: attn1/attn2 q,k,v,out; transformer: + feed-forward and proj_in/out (kohya)")
+                   help="attention: attn1/attn2 q,k,v,out; transformer: + feed-forward and proj_in/out (kohya); "
+                        "conv: + the ResBlock convolutions (LoCon)")
     a.add_argument("--lora-dropout", type=float, default=0.0)
     a.add_argument("--frobenius", type=float, default=0.0, help="lambda of the penalty lambda sum(|A|^2 + |B|^2)")
 
@@ -118,6 +121,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="continue from CHECKPOINT (default: <out>/checkpoint.pt)")
     args = p.parse_args(argv)
     args.lora_alpha = args.lora_rank if args.lora_alpha is None else args.lora_alpha
+    problems = [f"--{name} must be {what}" for name, ok, what in (
+        ("batch-size", args.batch_size >= 1, ">= 1"), ("grad-accum", args.grad_accum >= 1, ">= 1"),
+        ("max-steps", args.max_steps >= 1, ">= 1"), ("save-every", args.save_every >= 1, ">= 1"),
+        ("lora-rank", args.lora_rank >= 1, ">= 1"), ("ema", 0 <= args.ema < 1, "in [0, 1)"),
+        ("caption-dropout", 0 <= args.caption_dropout <= 1, "in [0, 1]"),
+        ("timestep-range", 0 <= args.timestep_range[0] <= args.timestep_range[1] <= 999, "0 <= MIN <= MAX <= 999"))
+        if not ok]
+    if problems:
+        p.error("; ".join(problems))
     return args
 
 

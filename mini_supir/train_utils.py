@@ -29,7 +29,8 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Degradations: HQ crop (1, 3, R, R) in [0, 1] + a generator -> (LQ at the HQ size, per-pixel loss weight or None)
+# Degradations: HQ crop (1, 3, R, R) in [0, 1] + a generator -> (LQ at the HQ size, per-pixel loss weight
+# (1, 1, R, R) or None)
 
 Degradation = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor | None]]
 

@@ -1,7 +1,9 @@
 """The restoration pipeline end to end on a tiny random SUPIR (restores nothing; checks the plumbing)."""
 import struct
+import sys
 import zlib
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,3 +237,11 @@ def test_open_image_applies_exif_orientation(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise for display
     photo(64, 48).save(tmp_path / "rotated.jpg", exif=exif)
     assert pipeline.open_image(tmp_path / "rotated.jpg", FAST).size == (48, 64)
+
+
+def test_bench_restore_prints_a_stage_table(capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_restore
+    bench_restore.main(["--model", "tiny", "--size", "64", "--steps", "1", "--device", "cpu"])
+    rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows == ["stage", "text encode", "stage 1", "sampling", "decode", "total"]

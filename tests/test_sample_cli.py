@@ -148,7 +148,8 @@ def test_wrong_checkpoint_and_fp16_vae(capsys, weights, images, tmp_path):
 def test_nan_is_reported_and_nothing_written(capsys, weights, images, tmp_path):
     out = tmp_path / "out"
     code = sample.main(["--image", str(images / "a.png"), "--out", str(out), "--model", "tiny", "--min-size", "0",
-                        "--steps", "2", "--sdxl", str(weights / "sdxl.safetensors"), "--supir", str(weights / "nan.safetensors")])
+                        "--steps", "2", "--sdxl", str(weights / "sdxl.safetensors"),
+                        "--supir", str(weights / "nan.safetensors")])
     [line] = errors(capsys.readouterr().err)
     assert code == 1 and line.startswith(f"error: {images / 'a.png'}: NaN")
     assert list(out.iterdir()) == []

@@ -136,3 +136,19 @@ def test_torchrun_two_gloo_processes_write_one_lora(tmp_path):
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["world"] == 2 and len(ckpt["rng"]) == 2
     assert not torch.equal(ckpt["rng"][0]["noise"], ckpt["rng"][1]["noise"])  # each rank draws its own noise
+
+
+def test_trains_from_weight_files(tmp_path):
+    # the official two-file layout (SDXL single file + SUPIR file), here of the tiny random model
+    from safetensors.torch import save_file
+    supir_parts = ("model.control_model.", "model.diffusion_model.project_modules.", "first_stage_model.denoise_encoder.")
+    torch.manual_seed(0)
+    sd = {k: v.contiguous() for k, v in supir.build(supir.TINY, "cpu").state_dict().items()}
+    save_file({k: v for k, v in sd.items() if not k.startswith(supir_parts)}, tmp_path / "sdxl.safetensors")
+    save_file({k: v for k, v in sd.items() if k.startswith(supir_parts)}, tmp_path / "supir.safetensors")
+    from_files, random = tmp_path / "files", tmp_path / "random"
+    args = ("--max-steps", 2, "--batch-size", 2)
+    assert train.main(small_args(from_files, *args, "--sdxl", tmp_path / "sdxl.safetensors",
+                                 "--supir", tmp_path / "supir.safetensors")) == 0
+    assert train.main(small_args(random, *args)) == 0
+    assert losses(from_files) == losses(random)  # the files hold the seeded random model --model tiny builds

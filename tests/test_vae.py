@@ -70,15 +70,15 @@ def photo(height: int, width: int, batch: int = 2) -> torch.Tensor:
 def test_tiled_equals_untiled_on_a_photo():
     torch.manual_seed(0)
     model = AutoencoderKL(TINY).eval()
-    image = photo(176, 248)  # 3 x 4 tiles of uneven sizes at full resolution
+    image = photo(112, 168)  # latent 14 x 21: a 2 x 3 grid of uneven tiles below
     z = model.encode(image)
     z_tiled = model.encode(image, tile=64)
-    # measured: 1.0e-6 max abs (|z| <= 0.2); float32 rounding, not an approximation
-    assert (z_tiled - z).abs().max() < 1e-5
+    # measured: 4.3e-7 max abs (|z| <= 0.15): float32 rounding, not an approximation
+    assert (z_tiled - z).abs().max() < 5e-6
     x = model.decode(z)
-    x_tiled = model.decode(z, tile=16)  # 2 x 2 latent tiles, 11 x 16 at full resolution
-    # measured: 1.6e-5 max abs, 3e-7 mean (|x| <= 4.6), the same as float32 vs float64 untiled
-    assert (x_tiled - x).abs().max() < 2e-4 and (x_tiled - x).abs().mean() < 5e-6
+    x_tiled = model.decode(z, tile=8)
+    # measured: 1.3e-5 max abs, 3.4e-7 mean (|x| <= 3.6), as large as float32 vs float64 untiled
+    assert (x_tiled - x).abs().max() < 2e-4 and (x_tiled - x).abs().mean() < 3e-6
 
 
 def test_float16_is_refused():
@@ -90,13 +90,18 @@ def test_float16_is_refused():
 
 
 @torch.no_grad()
-def test_bfloat16_runs_and_returns_float32():
+def test_bfloat16_tiled_is_as_close_to_float32_as_untiled():
     torch.manual_seed(0)
     model = AutoencoderKL(TINY).eval()
     image = torch.rand(1, 3, 64, 48) * 2 - 1
-    x32 = model.decode(model.encode(image))
+    z32 = model.encode(image)
+    x32 = model.decode(z32)
     model.to(torch.bfloat16)
-    z = model.encode(image, tile=32)
-    x = model.decode(z, tile=4)
-    assert z.dtype == x.dtype == torch.float32 and x.shape == image.shape
-    assert (x - x32).abs().mean() < 0.05 * x32.abs().mean()
+    rel = lambda a, b: ((a - b).abs().mean() / b.abs().mean()).item()
+    z, z_tiled = model.encode(image), model.encode(image, tile=32)
+    x, x_tiled = model.decode(z32), model.decode(z32, tile=4)
+    assert z_tiled.dtype == x_tiled.dtype == torch.float32 and x_tiled.shape == image.shape
+    # a random network amplifies bfloat16 rounding; tiling adds no error of its own (measured relative
+    # mean error vs float32: latents 1.7% untiled / 1.4% tiled, images 4.1% / 4.0%)
+    assert rel(z, z32) < 0.03 and rel(z_tiled, z32) < 1.5 * rel(z, z32)
+    assert rel(x, x32) < 0.08 and rel(x_tiled, x32) < 1.5 * rel(x, x32)
