@@ -226,6 +226,7 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 
     def _weights(self) -> torch.Tensor:
+        """A weight tensor standing for the model's dtype and device, once float16 has been ruled out."""
         w = self.quant_conv.weight
         if w.dtype == torch.float16:
             raise ValueError("the SDXL VAE overflows to inf/NaN in float16: run it in bfloat16 or float32")
@@ -268,7 +269,7 @@ class AutoencoderKL(nn.Module):
         if tile is None:
             x = self.decoder.up_path(h)
         else:
-            x = _Tiler.grid(h.shape[2], h.shape[3], tile, w.device).decoder_up_path(self.decoder, h)
+            x = _Tiler.grid(h.shape[2], h.shape[3], tile, w.device).decoder_up_path(self.decoder, h).to(w.device)
         return x.float()
 
 
@@ -282,8 +283,9 @@ class _GroupStats:
         var, mean = torch.var_mean(t.float().reshape(t.shape[0], GROUPS, -1), dim=-1, unbiased=False)
         n = t[0].numel() // GROUPS
         self.n += n
-        self.sum = self.sum + n * mean.double().cpu()
-        self.sum_sq = self.sum_sq + n * (var.double() + mean.double() ** 2).cpu()
+        mean, var = mean.cpu().double(), var.cpu().double()
+        self.sum = self.sum + n * mean
+        self.sum_sq = self.sum_sq + n * (var + mean ** 2)
         return self
 
     def result(self):
@@ -301,7 +303,8 @@ class _Tiler:
     on `device` with a `halo` of neighbouring pixels as context for its 3x3 convolutions, writes the tile
     back and accumulates the GroupNorm statistics of what it wrote, which the next step normalises with.
     The result equals the untiled network up to float rounding; accelerator memory is bounded by one tile,
-    host memory holds about three whole feature maps; every map crosses the bus once per step.
+    host memory holds about three whole feature maps; every map crosses the bus once per step. The
+    latent-resolution `mid_path`s, with their global attention, always run whole on `device`.
 
     The tile grid is fixed in latent pixels (`rows`, `cols`: cut positions) and scaled to each feature map.
     """

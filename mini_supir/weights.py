@@ -65,8 +65,12 @@ def resolve(spec: str | os.PathLike) -> Path:
     local = WEIGHTS_DIR / hub.filename
     if local.exists():
         return local
+    from huggingface_hub import hf_hub_download
+    try:  # the cache first: offline, a download attempt only fails after its retries
+        return Path(hf_hub_download(hub.repo_id, hub.filename, cache_dir=WEIGHTS_DIR / "hub", local_files_only=True))
+    except Exception:
+        pass
     try:
-        from huggingface_hub import hf_hub_download
         return Path(hf_hub_download(hub.repo_id, hub.filename, cache_dir=WEIGHTS_DIR / "hub"))
     except Exception as e:  # offline, gated, typo: one message that says what to fetch and where to put it
         raise CheckpointError(f"could not get {hub.filename} from hub repo {hub.repo_id} ({type(e).__name__}); "

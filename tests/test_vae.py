@@ -42,6 +42,8 @@ def test_denoise_encoder_is_used_with_denoise():
     image, mean = fx.inputs["image"], fx.outputs["mean"]
     assert torch.allclose(model.encode(image, denoise=True) / SCALE_FACTOR, mean, atol=5e-5, rtol=1e-4)
     assert (model.encode(image) / SCALE_FACTOR - mean).abs().max() > 0.1
+    with pytest.raises(ValueError, match="denoise_encoder"):
+        AutoencoderKL(TINY).encode(image, denoise=True)
 
 
 @needs_reference
