@@ -4,6 +4,8 @@
     python sample.py --image photos/ --fidelity --upscale 2           # a folder, v0F, 2x
     python sample.py --image 'scans/*.png' --sampler dpmpp2m          # Lightning settings (8 steps)
     python sample.py --model tiny --image photo.jpg --min-size 128 --steps 4   # smoke test, random weights
+    python sample.py --image cracked.jpg --repair --compare           # repair cracks / scratches (auto mask)
+    python sample.py --image cracked.jpg --mask painted.png           # repair where the mask is white
 
 Each result is a PNG holding every setting in its metadata (pipeline.read_png_info). Under torchrun each
 rank restores its share of the sorted image list. See README "Restore a photo" for every option.
@@ -16,14 +18,15 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from mini_supir import pipeline, supir
+from mini_supir import mask as masks
+from mini_supir import pipeline, repair, supir
 from mini_supir.pipeline import ImageError, RestoreError, RestoreSettings, Restorer
 from mini_supir.weights import CheckpointError, resolve
 
@@ -34,6 +37,41 @@ OVERRIDES = {  # CLI option -> RestoreSettings field (the rest of the settings c
     "color_fix": "color_fix", "num_samples": "num_samples", "tile_vae": "tile_vae", "vae_tile_size": "vae_tile_size",
     "tile_size": "tile_size", "tile_stride": "tile_stride",
 }
+
+
+# The detector parameters with their own option (every other one: --mask-param NAME=VALUE).
+DEFAULT_MASK = masks.MaskParams()
+MASK_OPTIONS = [
+    ("--mask-radius", "radius", "automatic mask: finds lines up to 2 N + 1 px wide"),
+    ("--mask-min-length", "min_length", "automatic mask: ignore marks shorter than N px"),
+    ("--mask-dilate", "dilate_radius", "automatic mask: grow the detection by N px"),
+    ("--mask-feather", "feather_sigma", "blend the repair over N px (Gaussian sigma) around the mask"),
+]
+
+
+def mask_param(s: str) -> tuple[str, object]:
+    name, _, value = s.partition("=")
+    name = name.strip().replace("-", "_")
+    field = next((f for f in fields(masks.MaskParams) if f.name == name), None)
+    if field is None or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME one of "
+                                         f"{', '.join(f.name for f in fields(masks.MaskParams))}")
+    kind = type(getattr(DEFAULT_MASK, name))
+    if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise argparse.ArgumentTypeError(f"{name} is true or false, not {value!r}")
+        return name, value.lower() in ("true", "1")
+    try:
+        return name, kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} takes a {kind.__name__}, not {value!r}") from None
+
+
+def mask_params(args: argparse.Namespace) -> masks.MaskParams:
+    given = dict(args.mask_param)
+    given.update({field: getattr(args, option[2:].replace("-", "_")) for option, field, _ in MASK_OPTIONS
+                  if getattr(args, option[2:].replace("-", "_")) is not None})
+    return replace(DEFAULT_MASK, **given)
 
 
 def optional_float(s: str) -> float | None:
@@ -100,6 +138,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--num-samples", type=int, help="results per image (default: 1)")
     s.add_argument("--color-fix", choices=pipeline.COLOR_FIXES, help="colours from the stage-1 image (default: wavelet)")
 
+    r = p.add_argument_group("repair (cracks, scratches, missing paint; README 'Repair a damaged photo')")
+    which = r.add_mutually_exclusive_group()
+    which.add_argument("--repair", action="store_true",
+                       help="regenerate only the damage found by the automatic detector (mask.py); every other "
+                            "pixel is kept as it is; <name>_mask.png is written beside the result")
+    which.add_argument("--mask", type=Path, metavar="FILE|FOLDER",
+                       help="repair where this mask is white (alpha, if painted on a transparent layer); a folder "
+                            "holds <name>_mask.png or <name>.png per image")
+    r.add_argument("--clean", type=Path, metavar="FILE|FOLDER",
+                   help="the undamaged image (a folder: <name>.* per image), added to the --compare panel")
+    for option, field, help in MASK_OPTIONS:
+        r.add_argument(option, type=type(getattr(DEFAULT_MASK, field)), metavar="N",
+                       help=f"{help} (default: {getattr(DEFAULT_MASK, field)})")
+    r.add_argument("--mask-param", action="append", default=[], type=mask_param, metavar="NAME=VALUE",
+                   help="any other detector parameter of mask.MaskParams (repeatable)")
+
     t = p.add_argument_group("tiling (large images)")
     t.add_argument("--tile-vae", action="store_true", default=None, help="VAE encode / decode in tiles")
     t.add_argument("--vae-tile-size", type=int, help="VAE tile, px (default: 512)")
@@ -107,6 +161,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--tile-stride", type=int, help="tile stride, px (default: tile size / 2)")
     args = p.parse_args(argv)
     args.mode = args.mode or "quality"
+    args.repairing = args.repair or args.mask is not None
+    detector = [o for o, _, _ in MASK_OPTIONS[:-1] if getattr(args, o[2:].replace("-", "_")) is not None]
+    if (detector or args.mask_param) and not args.repair:
+        p.error(f"{(detector or ['--mask-param'])[0]} sets the automatic detector: it needs --repair")
+    if args.mask_feather is not None and not args.repairing:
+        p.error("--mask-feather needs --repair or --mask")
+    if args.repairing and args.upscale not in (None, 1):
+        p.error("--repair / --mask keep the pixels outside the mask, so they work at the input size: upscale "
+                "the repaired image in a second run")
     return args
 
 
@@ -143,9 +206,11 @@ def output_names(files: list[Path]) -> dict[Path, str]:
     return {f: f.stem if len(group) == 1 else f"{f.stem}_{f.suffix.lstrip('.')}" for group in stems.values() for f in group}
 
 
-def outputs_for(stem: str, out: Path, settings: RestoreSettings, compare: bool) -> list[Path]:
+def outputs_for(stem: str, out: Path, settings: RestoreSettings, compare: bool, repairing: bool = False
+                ) -> list[Path]:
     names = [stem] if settings.num_samples == 1 else [f"{stem}_{k}" for k in range(settings.num_samples)]
-    return [out / f"{n}.png" for n in names] + ([out / f"{n}_compare.png" for n in names] if compare else [])
+    return [out / f"{n}.png" for n in names] + ([out / f"{n}_compare.png" for n in names] if compare else []) \
+        + ([out / f"{stem}_mask.png"] if repairing else [])
 
 
 def caption_for(image: Path) -> str | None:
@@ -153,13 +218,39 @@ def caption_for(image: Path) -> str | None:
     return caption.read_text(encoding="utf-8").strip() if caption.is_file() else None
 
 
-def side_by_side(before: Image.Image, after: Image.Image) -> Image.Image:
-    """Input (bicubic-resized to the result's size) left, result right."""
-    after = after.convert("RGB")
-    canvas = Image.new("RGB", (2 * after.width, after.height))
-    canvas.paste(before.convert("RGB").resize(after.size, Image.BICUBIC), (0, 0))
-    canvas.paste(after, (after.width, 0))
+def side_by_side(images: list[Image.Image], size: tuple[int, int]) -> Image.Image:
+    """The images left to right, each bicubic-resized to `size` (the result's)."""
+    canvas = Image.new("RGB", (len(images) * size[0], size[1]))
+    for i, im in enumerate(images):
+        im = im.convert("RGB")
+        canvas.paste(im if im.size == size else im.resize(size, Image.BICUBIC), (i * size[0], 0))
     return canvas
+
+
+def companion(spec: Path, image: Path, stem: str, patterns: tuple[str, ...]) -> Path:
+    """`spec` itself, or in the folder `spec` the first image file named by a pattern ({stem}, {name}: the
+    input's file stem and output name)."""
+    if not spec.is_dir():
+        return spec
+    extensions = {e for e, f in Image.registered_extensions().items() if f in Image.OPEN}
+    for pattern in patterns:
+        matches = [m for m in sorted(spec.glob(pattern.format(stem=glob.escape(image.stem), name=glob.escape(stem))))
+                   if m.suffix.lower() in extensions]
+        if matches:
+            return matches[0]
+    raise ImageError(f"no {' or '.join(p.format(stem=image.stem, name=stem) for p in patterns)} in {spec}")
+
+
+def damage_mask(args: argparse.Namespace, path: Path, stem: str, image: Image.Image,
+                params: masks.MaskParams) -> tuple[torch.Tensor, str]:
+    """(hard damage mask (H, W) bool at the image's size, where it came from)."""
+    if args.repair:
+        return masks.detect_damage(repair.image_tensor(image), params), "auto"
+    source = companion(args.mask, path, stem, ("{name}_mask.png", "{stem}_mask.png", "{stem}.png"))
+    try:
+        return masks.load_mask(source, (image.height, image.width)), str(source)
+    except (OSError, ValueError) as e:
+        raise ImageError(f"mask {source}: {one_line(e)}") from None
 
 
 def check_writable(out: Path) -> None:
@@ -217,6 +308,7 @@ def main(argv=None) -> int:
     Image.MAX_IMAGE_PIXELS = pipeline.MAX_INPUT_PIXELS  # we check sizes ourselves, from the header
     try:
         settings = settings_from(args)
+        params = mask_params(args)
         pipeline.pick_dtypes(pipeline.pick_device("cpu"), args.dtype, args.vae_dtype)  # refuse fp16 VAE now
     except ValueError as e:
         fail("settings", one_line(e))
@@ -240,7 +332,8 @@ def main(argv=None) -> int:
         fail(out, f"cannot write there ({e.strerror or type(e).__name__})")
         return 1
 
-    done = lambda f: all(p.exists() for p in outputs_for(names[f], out, settings, args.compare))  # noqa: E731
+    done = lambda f: all(p.exists() for p in outputs_for(names[f], out, settings, args.compare,  # noqa: E731
+                                                          args.repairing))
     todo = [f for f in files if args.overwrite or not done(f)]
     for f in files:
         if f not in todo:
@@ -273,15 +366,29 @@ def main(argv=None) -> int:
             image = pipeline.open_image(f, settings)
             prompt, source = prompts[f]
             s = replace(settings, prompt=prompt)
+            extra, panels, soft = {}, [image], None
+            if args.repairing:
+                hard, mask_from = damage_mask(args, f, names[f], image, params)
+                soft = repair.soft_mask(hard, params)
+                extra["repair"] = {"mask": mask_from, "mask_params": asdict(params),
+                                   "damaged_fraction": round(hard.float().mean().item(), 6)}
+                panels.append(repair.mask_image(hard))
+            clean = None
+            if args.clean is not None:
+                clean = pipeline.open_image(companion(args.clean, f, names[f], ("{stem}.*",)), settings)
             with tqdm(total=s.steps * s.num_samples, desc=f.name, unit="step", leave=False, disable=None) as bar:
-                results = restorer.restore_samples(image, s, args.seed, on_step=lambda i, n: bar.update(1))
+                results = restorer.restore_samples(image, s, args.seed, on_step=lambda i, n: bar.update(1), mask=soft)
             paths = outputs_for(names[f], out, s, False)
             for k, (result, path) in enumerate(zip(results, paths)):
                 info = {"settings": s.to_dict(), "seed": args.seed + k, "sample": k, "source": str(f),
-                        "prompt_from": source, **model_info}
+                        "prompt_from": source, **model_info, **extra}
                 pipeline.save_png(result, path, info)
                 if args.compare:
-                    pipeline.save_png(side_by_side(image, result), path.with_name(f"{path.stem}_compare.png"), info)
+                    panel = side_by_side(panels + [result] + ([clean] if clean else []), result.size)
+                    pipeline.save_png(panel, path.with_name(f"{path.stem}_compare.png"), info)
+            if args.repairing:
+                paths.append(out / f"{names[f]}_mask.png")
+                pipeline.save_png(panels[1], paths[-1], {"source": str(f), **extra})
             tqdm.write(f"wrote {', '.join(str(p) for p in paths)} ({time.time() - t0:.1f} s)", file=sys.stderr)
         except (ImageError, RestoreError, OSError) as e:
             fail(f, one_line(e))

@@ -1,23 +1,27 @@
 """Damage masks for photo repair: an automatic crack/scratch detector and a synthetic damage generator.
 
-Detector (`detect_damage`, `auto_mask`), on the luminance of the image:
-  1. black-hat  = closing(Y) - Y   responds to dark structures thinner than the structuring element (cracks);
-     white top-hat = Y - opening(Y) responds to thin bright structures (scratches).
-  2. adaptive threshold: a pixel is a candidate if its response exceeds the local mean response by an offset,
-     so textured regions (hair, wood grain), where every pixel responds a little, need a stronger response.
-     Hysteresis: weak candidates are kept only when connected to a strong one, like Canny edges, which keeps
-     the faint stretches of a crack without admitting faint texture.
-  3. clean-up: closing bridges one-pixel gaps, connected components smaller than `min_size` are dropped
-     (texture specks are short, damage is long), the result is dilated to cover the crack's soft border.
-  4. `feather` turns the hard mask into a smooth [0, 1] blending weight.
+Detector (`detect_damage`, `auto_mask`), on the luma Y of the image:
+  1. thin-structure response. The black-hat closing(Y) - Y is large on dark structures narrower than the
+     structuring element (cracks), the white top-hat Y - opening(Y) on thin bright ones (scratches). Natural
+     photos are full of soft folds and shading that also respond; those keep responding at a larger radius,
+     so the response is `(1 + w) * hat(radius) - w * hat(wide_radius)`: ~ the depth for a line of width
+     <= 2*radius+1, reduced for anything wider.
+  2. adaptive threshold against robust local statistics (median and upper quartile of the response in a
+     `window`): textured areas (hair, wood grain, machinery), where everything responds, need a proportionally
+     stronger response. The median, unlike the mean, ignores the crack itself (a few % of the window).
+  3. hysteresis, like Canny edges: weak pixels are kept only in components that contain a strong seed segment
+     at least `seed_length` long, so faint stretches of a crack survive while faint texture does not.
+  4. clean-up: closing bridges small gaps, components shorter than `min_length` (bounding-box diagonal) are
+     dropped as specks, and the result is dilated to cover the crack's soft border.
+  5. `feather` turns the hard mask into a smooth [0, 1] blending weight.
 All morphology is max-pooling on torch tensors; connected components are a vectorised union-find in numpy.
 
-Generator (`synthesize_damage`): branching dark crack polylines, thin bright scratches, stains and missing
-paint (flat paper-coloured patches) drawn with a known mask, deterministic per seed.
+Generator (`synthesize_damage`): branching crack polylines (dirt-dark or paper-white), thin bright scratches,
+stains and missing paint (flat paper-coloured patches) with their known mask, deterministic per seed.
 
 CLI:
-  python -m mini_supir.mask --image photo.png --out mask.png            # automatic mask
-  python -m mini_supir.mask --image photo.png --damage damaged.png --out mask.png --seed 0   # synthetic
+  python -m mini_supir.mask --image photo.png --out mask.png                                # automatic mask
+  python -m mini_supir.mask --image photo.png --damage damaged.png --out mask.png --seed 0  # synthetic damage
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -37,19 +41,28 @@ from PIL import Image
 # parameters
 
 
+def _param(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class MaskParams:
-    """Automatic damage detector settings. Widths and sizes are in pixels of the image being analysed."""
-    radius: int = 3             # structuring-element radius: finds dark/bright lines up to ~2*radius px wide
-    dark: bool = True           # detect dark damage (cracks, dust) with the black-hat
-    bright: bool = True         # detect bright damage (scratches, emulsion cracks) with the white top-hat
-    window: int = 31            # side of the local-mean window of the adaptive threshold
-    low: float = 0.06           # weak threshold: response above local mean + low (luminance units, 0..1)
-    high: float = 0.12          # strong threshold: each kept component must contain a pixel above mean + high
-    min_size: int = 40          # drop connected components (8-connected) smaller than this many pixels
-    close_radius: int = 1       # closing radius that bridges small gaps along a crack before labelling
-    dilate_radius: int = 1      # grow the final mask to cover the crack's anti-aliased border
-    feather_sigma: float = 1.5  # Gaussian sigma of the soft blending mask (`auto_mask`, `feather`)
+    """Automatic damage detector settings. Lengths are in pixels, intensities in luma units (0..1)."""
+    radius: int = _param(2, "hat radius: finds dark / bright lines up to ~2*radius+1 px wide")
+    wide_radius: int = _param(5, "structures that still respond at this radius are image content, not damage")
+    wide_weight: float = _param(1.0, "how much of the wide response is subtracted (0: plain black-hat / top-hat)")
+    dark: bool = _param(True, "detect dark damage (dirt-filled cracks, dust) with the black-hat")
+    bright: bool = _param(True, "detect bright damage (scratches, cracks down to the paper) with the top-hat")
+    window: int = _param(31, "side of the window of the local statistics of the adaptive threshold")
+    weak_k: float = _param(2.0, "weak threshold: median + weak_k * (upper quartile - median) + weak_offset")
+    weak_offset: float = _param(0.03, "weak threshold offset (luma units)")
+    strong_k: float = _param(4.0, "strong (seed) threshold, same form")
+    strong_offset: float = _param(0.10, "strong threshold offset (luma units)")
+    seed_length: int = _param(15, "a strong segment seeds a detection only if at least this long")
+    min_length: int = _param(40, "drop components shorter than this (bounding-box diagonal): specks, texture")
+    close_radius: int = _param(1, "closing radius that bridges small gaps along a crack before labelling")
+    dilate_radius: int = _param(1, "grow the final mask to cover the crack's anti-aliased border")
+    feather_sigma: float = _param(1.5, "Gaussian sigma of the soft blending mask (`auto_mask`, `feather`)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -61,8 +74,8 @@ def _pool(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
 
 
 def dilate(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Grey or binary dilation by an octagon of the given radius (alternating 3x3 square and plus-shaped
-    steps, the usual cheap disk approximation: reach `radius` along the axes, ~0.75*radius diagonally)."""
+    """Grey or binary dilation by an octagon of the given radius: alternating 3x3 square and plus-shaped
+    steps, the usual cheap disk approximation ({|dy|, |dx| <= radius, |dy| + |dx| <= radius + ceil(radius/2)})."""
     if radius <= 0:
         return x
     y = x.float()
@@ -85,13 +98,6 @@ def opening(x: torch.Tensor, radius: int) -> torch.Tensor:
     return dilate(erode(x, radius), radius)
 
 
-def _box_mean(x: torch.Tensor, size: int) -> torch.Tensor:
-    # separable, and count_include_pad=False makes it the mean over the part of the window inside the image
-    pad = size // 2
-    x = F.avg_pool2d(x[None, None], (size, 1), stride=1, padding=(pad, 0), count_include_pad=False)
-    return F.avg_pool2d(x, (1, size), stride=1, padding=(0, pad), count_include_pad=False)[0, 0]
-
-
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0:
         return x
@@ -105,6 +111,24 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return y[0, 0]
 
 
+def local_quantiles(x: torch.Tensor, window: int, qs: tuple[float, ...]) -> torch.Tensor:
+    """Quantiles of x over a window x window neighbourhood of every pixel -> (len(qs), H, W).
+
+    Evaluated on a grid of stride window/4 from every second pixel of the window, and bilinearly
+    interpolated: the statistics vary slowly, and a per-pixel sort of window^2 values would cost ~4000x more.
+    """
+    h, w = x.shape
+    s = max(1, window // 4)
+    ny, nx = math.ceil((h - 1) / s) + 1, math.ceil((w - 1) / s) + 1
+    ph, pw = (ny - 1) * s + 1 - h, (nx - 1) * s + 1 - w
+    r = window // 2
+    xp = F.pad(x.float()[None, None], (r, r + pw, r, r + ph), mode="replicate")
+    patches = F.unfold(xp, r + 1, dilation=2, stride=s)[0]            # ((r+1)^2, ny*nx), window 2r+1 wide
+    q = torch.quantile(patches, torch.tensor(qs, dtype=torch.float32), dim=0).view(len(qs), 1, ny, nx)
+    q = F.interpolate(q, size=((ny - 1) * s + 1, (nx - 1) * s + 1), mode="bilinear", align_corners=True)
+    return q[:, 0, :h, :w]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # connected components
 
@@ -113,8 +137,8 @@ def label_components(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
     """8-connected components of a bool (H, W) mask -> (int64 labels, 0 = background, 1..n; n).
 
     Vectorised union-find: every foreground pixel starts as its own root; each round hooks the larger root of
-    every neighbouring pair onto the smaller one, then pointer jumping flattens the trees. Rounds ~ log of
-    the component diameter, each O(pixels), so a 500x700 image takes a few milliseconds.
+    every neighbouring pair onto the smaller one, then pointer jumping flattens the trees. Few rounds, each
+    O(pixels): a few milliseconds on a 500x700 mask.
     """
     m = mask.cpu().numpy().astype(bool)
     h, w = m.shape
@@ -148,13 +172,25 @@ def label_components(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(labels), len(roots)
 
 
-def remove_small(mask: torch.Tensor, min_size: int, seeds: torch.Tensor | None = None) -> torch.Tensor:
-    """Keep components with at least `min_size` pixels (and, if `seeds` is given, at least one seed pixel)."""
+def component_lengths(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """Bounding-box diagonal of each component -> (n + 1,) float, index 0 (background) is 0."""
+    ys, xs = torch.nonzero(labels, as_tuple=True)
+    lab = labels[ys, xs]
+    ext = []
+    for c in (ys, xs):
+        lo = torch.full((n + 1,), 1 << 30, dtype=torch.int64).scatter_reduce(0, lab, c, "amin")
+        hi = torch.full((n + 1,), -1, dtype=torch.int64).scatter_reduce(0, lab, c, "amax")
+        ext.append((hi - lo + 1).clamp_min(0).float())
+    return torch.hypot(*ext)
+
+
+def keep_components(mask: torch.Tensor, min_length: float, seeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the components of `mask` at least `min_length` long (bounding-box diagonal) and, if `seeds` is
+    given, touching at least one seed pixel."""
     labels, n = label_components(mask)
-    flat = labels.flatten()
-    keep = torch.bincount(flat, minlength=n + 1) >= min_size
+    keep = component_lengths(labels, n) >= min_length
     if seeds is not None:
-        keep &= torch.bincount(flat[seeds.flatten()], minlength=n + 1) > 0
+        keep &= torch.bincount(labels.flatten()[seeds.flatten()], minlength=n + 1) > 0
     keep[0] = False
     return keep[labels]
 
@@ -173,24 +209,28 @@ def _luminance(img: torch.Tensor) -> torch.Tensor:
 
 
 def damage_response(img: torch.Tensor, params: MaskParams = MaskParams()) -> torch.Tensor:
-    """Thin-structure response (H, W) >= 0: max of black-hat (dark) and white top-hat (bright) of the luma.
-    `img` is (3, H, W), (1, H, W) or (H, W) in [0, 1]."""
+    """Thin-structure response (H, W) >= 0 (step 1 above). `img` is (3, H, W), (1, H, W) or (H, W) in [0, 1]."""
     y = _luminance(img)
+    a, b, wt = params.radius, params.wide_radius, params.wide_weight
     r = torch.zeros_like(y)
     if params.dark:
-        r = torch.maximum(r, closing(y, params.radius) - y)
+        r = torch.maximum(r, (1 + wt) * (closing(y, a) - y) - wt * (closing(y, b) - y))
     if params.bright:
-        r = torch.maximum(r, y - opening(y, params.radius))
+        r = torch.maximum(r, (1 + wt) * (y - opening(y, a)) - wt * (y - opening(y, b)))
     return r
 
 
 def detect_damage(img: torch.Tensor, params: MaskParams = MaskParams()) -> torch.Tensor:
     """Hard damage mask, bool (H, W), True where the image looks cracked or scratched."""
-    r = damage_response(img, params)
-    base = _box_mean(r, params.window)
-    weak = closing(r > base + params.low, params.close_radius)
-    strong = r > base + params.high
-    return dilate(remove_small(weak, params.min_size, seeds=strong), params.dilate_radius)
+    p = params
+    r = damage_response(img, p)
+    median, upper = local_quantiles(r, p.window, (0.5, 0.75))
+    spread = upper - median
+    weak = r > median + p.weak_k * spread + p.weak_offset
+    strong = r > median + p.strong_k * spread + p.strong_offset
+    seeds = keep_components(strong, p.seed_length)
+    weak = closing(weak | seeds, p.close_radius)
+    return dilate(keep_components(weak, p.min_length, seeds=seeds), p.dilate_radius)
 
 
 def feather(mask: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -217,10 +257,6 @@ PAPER = (0.93, 0.90, 0.81)      # faded photo paper showing through where the em
 
 def _u(g: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> float:
     return lo + (hi - lo) * torch.rand((), generator=g).item()
-
-
-def _randint(g: torch.Generator, lo: int, hi: int) -> int:
-    return int(torch.randint(lo, hi + 1, (), generator=g).item())
 
 
 def _stamp(alpha: torch.Tensor, pts: torch.Tensor, rad: torch.Tensor, strength: torch.Tensor) -> None:
@@ -260,7 +296,6 @@ def _smooth_walk(g: torch.Generator, n: int, lo: float, hi: float, jitter: float
 
 def _crack(g, alpha, start, angle, length, width, depth):
     """Random-walk polyline with direction drift; spawns thinner side branches (recursively, `depth` levels)."""
-    h, w = alpha.shape
     n = max(2, int(length / 6))
     ang = angle + torch.cumsum(torch.randn(n, generator=g) * 0.35, 0)
     steps = torch.stack([torch.sin(ang), torch.cos(ang)], 1) * (3 + 6 * torch.rand(n, 1, generator=g))
@@ -370,8 +405,8 @@ def load_mask(path, size: tuple[int, int]) -> torch.Tensor:
     """Read a user-painted mask (white = damage) and fit it to an image of size (H, W) -> bool (H, W).
 
     Images with transparency use the alpha channel (paint on an empty layer); others their grey level.
-    Binarised at half intensity, resized with area averaging, and a pixel counts as damaged if at least a
-    quarter of it was painted, so thin strokes survive downscaling.
+    Binarised at half intensity, resized with Pillow's antialiased bilinear filter, and a pixel counts as
+    damaged if at least a quarter of it was painted, so thin strokes survive downscaling.
     """
     with Image.open(path) as im:
         if "A" in im.getbands() and im.getextrema()[-1][0] < 255:
@@ -386,14 +421,19 @@ def load_mask(path, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(a >= 0.25)
 
 
+def _image_format(path: Path) -> str:
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"unknown image extension {path.suffix!r} for {path}")
+    return fmt
+
+
 def save_image(x: torch.Tensor, path) -> None:
     """(3, H, W) or (H, W) in [0, 1] -> 8-bit file, written atomically (temp file + rename)."""
     path = Path(path)
     a = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     im = Image.fromarray(a if a.ndim == 2 else a.transpose(1, 2, 0))
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"unknown image extension {path.suffix!r} for {path}")
+    fmt = _image_format(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         im.save(tmp, format=fmt)
@@ -421,12 +461,16 @@ def main(argv=None) -> int:
     for f in fields(MaskParams):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name))
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name),
+                           help=f.metadata["help"])
         else:
             kind = int if f.type in ("int", int) else float
-            p.add_argument(flag, type=kind, default=getattr(defaults, f.name), help="detector parameter")
+            p.add_argument(flag, type=kind, default=getattr(defaults, f.name), help=f.metadata["help"])
     a = p.parse_args(argv)
     try:
+        for out in (a.out, a.damage):   # fail before any work or any file is written
+            if out:
+                _image_format(Path(out))
         img = load_image(a.image)
         params = MaskParams(**{f.name: getattr(a, f.name) for f in fields(MaskParams)})
         if a.damage:

@@ -3,12 +3,14 @@
 What `SUPIRModel.batchify_sample` does, in steps a caller can run one by one (mask-guided repair and
 evaluation hook in between them):
 
-    prepare   image -> LQ tensor at a multiple of 64 px (upscale, min_size, alpha / greyscale handling)
+    prepare   image -> LQ tensor at a multiple of 64 px (upscale, min_size, alpha / greyscale handling);
+              repair (a damage mask given): the damaged pixels prefilled, the known latent and latent mask
     stage1    _z = 0.13025 * mode(denoise_encoder(LQ));  x_stage1 = decode(_z)           (deterministic)
     sample    z_stage1 = 0.13025 * sample(encoder(x_stage1));  noise ~ N(0, I);
               sampler(noise, x_center = z_stage1, cond["control"] = _z)                   (seeded)
     decode    decode(latent); colour fix with x_stage1 as the style image
-    finish    back to the exact requested size, the input's alpha and mode
+    finish    back to the exact requested size, the input's alpha and mode; repair: composited into the
+              input with the pixel mask (see repair.py)
 
 Every random number comes from a CPU `torch.Generator` seeded with `seed + sample_index`, so a result is a
 function of (image, settings, seed, weights) and the same on any device (up to its arithmetic).
@@ -29,7 +31,7 @@ import torch
 from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from . import colorfix, supir
+from . import colorfix, repair, supir
 from .sampler import Denoiser, sample_lightning, sample_restore_dpmpp2m, sample_restore_edm
 from .text import DEFAULT_NEGATIVE, DEFAULT_POSITIVE
 
@@ -264,6 +266,11 @@ def finish(x: torch.Tensor, prepared: Prepared) -> Image.Image:
     image = to_image(x)
     if image.size != prepared.out_size:
         image = image.resize(prepared.out_size, Image.LANCZOS)
+    return _like_input(image, prepared)
+
+
+def _like_input(image: Image.Image, prepared: Prepared) -> Image.Image:
+    """An 8-bit RGB image at the output size in the input's mode (greyscale, alpha)."""
     if prepared.grey:
         image = image.convert("L")
     if prepared.alpha is not None:
@@ -456,15 +463,39 @@ class Restorer:
         return Stage1(z_lq, x_stage1)
 
     @torch.no_grad()
+    def prepare_repair(self, prepared: Prepared, mask: torch.Tensor, settings: RestoreSettings
+                       ) -> tuple[Prepared, repair.Known]:
+        """(the LQ with its damaged pixels prefilled, what mask-guided sampling keeps) for a damage weight
+        `mask` (H, W) in [0, 1] at the output size (see repair.py)."""
+        if settings.upscale != 1:
+            raise ValueError("repair keeps the pixels outside the mask, so it works at the input size: use "
+                             "upscale 1 (and upscale the repaired image in a second run)")
+        if tuple(mask.shape) != prepared.out_size[::-1]:
+            raise ValueError(f"the mask is {tuple(mask.shape[::-1])} px, the image {prepared.out_size}")
+        m = repair.resize_mask(mask, tuple(prepared.lq.shape[-2:]))
+        lq = repair.prefill(prepared.lq, m > 0)
+        enc_tile, _ = self._vae_tiles(settings, lq.shape[-2:])
+        with self._running(self.vae):
+            z = self.vae.encode(lq.to(self.device), tile=enc_tile)
+        return replace(prepared, lq=lq), repair.Known(z, repair.latent_mask(m, self.factor).to(z))
+
+    @torch.no_grad()
     def sample(self, st1: Stage1, settings: RestoreSettings, generator: torch.Generator,
-               on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+               on_step: Callable[[int, int], None] | None = None, known: repair.Known | None = None
+               ) -> torch.Tensor:
         """One restored latent. Random draws, in SUPIR's order: the posterior sample of z_stage1, the start
-        noise, then the sampler's own (churn / SDE) noise."""
+        noise, then the sampler's own (churn / SDE) noise. With `known` (repair) the latent outside its mask
+        follows the known latent re-noised to each sigma and ends there."""
         enc_tile, _ = self._vae_tiles(settings, st1.x_stage1.shape[-2:])
         with self._running(self.vae):
             z_stage1 = self.vae.encode(st1.x_stage1, sample=True, generator=generator, tile=enc_tile)
         noise = torch.randn(st1.z_lq.shape, generator=generator, device=generator.device).to(self.device)
         cond, uncond = self.conditioning(settings, st1.z_lq)
+        denoiser = self.denoiser
+        if known is not None:
+            denoiser = repair.MaskedDenoiser(self.denoiser)
+            noise, z_stage1 = known.start(noise), known.blend(z_stage1)
+            cond, uncond = known.pack(cond), known.pack(uncond)
 
         def callback(i, info):
             if not torch.isfinite(info["x"]).all():
@@ -481,15 +512,15 @@ class Restorer:
                       control_scale=settings.control_scale, generator=generator, callback=callback, **tiles)
         with self._running(self.unet):
             if settings.sampler == "edm":
-                return sample_restore_edm(self.denoiser, noise, z_stage1, cond, uncond, s_churn=settings.s_churn,
+                return sample_restore_edm(denoiser, noise, z_stage1, cond, uncond, s_churn=settings.s_churn,
                                           s_noise=settings.s_noise, restore_cfg=settings.restore_cfg,
                                           control_scale_start=settings.control_start, **common)
             if settings.sampler == "dpmpp2m":
-                return sample_restore_dpmpp2m(self.denoiser, noise, cond, uncond, eta=settings.eta,
+                return sample_restore_dpmpp2m(denoiser, noise, cond, uncond, eta=settings.eta,
                                               s_noise=settings.s_noise, **common)
             # Lightning models are distilled without CFG: at scale 1 skip the unconditional half entirely
             guided = settings.cfg != 1.0 or settings.cfg_start not in (None, 1.0)
-            return sample_lightning(self.denoiser, noise, z_stage1, cond, uncond if guided else None,
+            return sample_lightning(denoiser, noise, z_stage1, cond, uncond if guided else None,
                                     restore_cfg=settings.restore_cfg, control_scale_start=settings.control_start,
                                     **common)
 
@@ -507,20 +538,30 @@ class Restorer:
         return x.clamp(-1.0, 1.0)
 
     def restore_samples(self, image: Image.Image, settings: RestoreSettings = QUALITY, seed: int = 1234,
-                        on_step: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+                        on_step: Callable[[int, int], None] | None = None, mask: torch.Tensor | None = None
+                        ) -> list[Image.Image]:
         """`settings.num_samples` restorations of `image`; sample k uses seed + k (one at a time, so memory
-        does not grow with the number of samples; stage 1 is shared)."""
+        does not grow with the number of samples; stage 1 is shared).
+
+        mask: repair instead: a damage weight (H, W) in [0, 1] (or bool) at the image's size, 1 where pixels
+        are regenerated; pixels where it is 0 come back byte-identical (upscale must be 1)."""
         check_size(*image.size, settings)
         prepared = prepare(image, settings)
+        known = None
+        if mask is not None:
+            prepared, known = self.prepare_repair(prepared, mask, settings)
+            original = _like_input(_rgb8(image)[0], prepared)
         st1 = self.stage1(prepared.lq, settings)
         results = []
         for k in range(settings.num_samples):
             generator = torch.Generator("cpu").manual_seed(seed + k)
-            latent = self.sample(st1, settings, generator, on_step)
-            results.append(finish(self.decode(latent, st1, settings), prepared))
+            latent = self.sample(st1, settings, generator, on_step, known)
+            result = finish(self.decode(latent, st1, settings), prepared)
+            results.append(result if mask is None else repair.composite(result, original, mask))
         return results
 
     def restore(self, image: Image.Image, settings: RestoreSettings = QUALITY, seed: int = 1234,
-                on_step: Callable[[int, int], None] | None = None) -> Image.Image:
-        """The restoration of `image` with `seed` (the first of `restore_samples`)."""
-        return self.restore_samples(image, replace(settings, num_samples=1), seed, on_step)[0]
+                on_step: Callable[[int, int], None] | None = None, mask: torch.Tensor | None = None
+                ) -> Image.Image:
+        """The restoration (or, with `mask`, the repair) of `image` with `seed` (the first of `restore_samples`)."""
+        return self.restore_samples(image, replace(settings, num_samples=1), seed, on_step, mask)[0]

@@ -14,13 +14,16 @@ from bench_unet import diffusers_config, unet_flops  # noqa: E402
 from mini_supir.control import ControlledUNet  # noqa: E402
 from mini_supir.unet import SDXL_BASE, TINY, UNet, UNetConfig  # noqa: E402
 
-# Non-square, a side that does not halve evenly, a context length that is not 77, and the other connector layout.
+# Two levels, attention on both, depth 2 first: with a side that does not halve evenly and a short context.
 ODD = UNetConfig(model_channels=64, channel_mult=(1, 2), transformer_depth=(2, 1), attention_resolutions=(1, 2),
                  num_head_channels=32, context_dim=40, adm_in_channels=1600)
+# The smallest UNet with every kind of layer and connector, for a quick trace.
+SMALL = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                   transformer_depth=(1, 1), num_head_channels=32, context_dim=32, adm_in_channels=1600)
 
 
 @pytest.mark.parametrize("cfg, controlled, batch, h, w, tokens", [
-    (TINY, False, 2, 16, 24, 77), (TINY, True, 1, 16, 24, 77), (ODD, False, 1, 10, 6, 5), (ODD, True, 3, 8, 12, 9)])
+    (TINY, False, 2, 16, 24, 77), (TINY, True, 1, 16, 24, 77), (ODD, True, 3, 10, 6, 9)])
 def test_flop_count_matches_flop_counter_mode(cfg, controlled, batch, h, w, tokens):
     with torch.device("meta"):  # FlopCounterMode counts from shapes alone
         model = ControlledUNet(cfg) if controlled else UNet(cfg)
@@ -32,6 +35,19 @@ def test_flop_count_matches_flop_counter_mode(cfg, controlled, batch, h, w, toke
             model(*args)
     ours = unet_flops(cfg, batch, h, w, context_tokens=tokens, controlled=controlled)
     assert ours == counter.get_total_flops()  # every conv, linear and attention matmul, exactly
+
+
+def test_forward_traces_as_one_graph():
+    # fullgraph=True fails on a graph break: an .item(), a Python branch on a tensor's value, a data-dependent
+    # shape. None of them means no host <-> device sync in the forward, and whole-model torch.compile.
+    torch.manual_seed(0)
+    model = ControlledUNet(SMALL).eval()
+    x, t, ctx, y, lq = (torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0]), torch.randn(2, 5, 32),
+                        torch.randn(2, 1600), torch.randn(2, 4, 8, 8))
+    traced = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        for control_scale in (1.0, 0.5):
+            assert torch.equal(traced(x, t, ctx, y, lq, control_scale), model(x, t, ctx, y, lq, control_scale))
 
 
 def test_sdxl_flops():
@@ -56,7 +72,7 @@ def test_bench_unet_runs_on_cpu():
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     header = next(line for line in lines if line.startswith("| model"))
-    for column in ("latent", "batch", "dtype", "GFLOP", "ms", "TFLOP/s", "peak MiB", "diffusers ms", "ours/diffusers", "max abs diff"):
+    for column in ("latent", "batch", "dtype", "GFLOP", "ms", "TFLOP/s", "peak MiB", "first call ms", "diffusers ms", "ours/diffusers", "max abs diff"):
         assert f" {column} |" in header
     rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| unet")}
     assert set(rows) == {"unet", "unet+control"}
@@ -66,6 +82,6 @@ def test_bench_unet_runs_on_cpu():
     try:
         import diffusers  # noqa: F401
     except ImportError:
-        assert cells[8] == "n/a" and "diffusers not installed" in out.stdout
+        assert cells[9] == "n/a" and "diffusers not installed" in out.stdout
     else:
-        assert float(cells[11]) < 1e-4  # same weights, same output
+        assert float(cells[12]) < 1e-4  # same weights, same output
