@@ -14,6 +14,9 @@ Named settings (`SETTINGS`):
   `sr4-blur2` (Gaussian blur sigma 2, bicubic x4) is the SUPIR / seed-paper setting.
 - `realesrgan`: the second-order random pipeline of Real-ESRGAN (Wang et al. 2021, arXiv:2107.10833) with
   the ranges of its x4plus training config (`RealESRGANConfig`).
+- `cracks` (`Damage`): synthetic photo damage from `mask.synthesize_damage` (cracks, scratches, missing
+  paint) at the GT size; `damage(img, setting, seed)` also returns where it is (the mask a repair is scored
+  inside).
 
 CLI: python -m mini_supir.degrade --in GT_DIR --out LQ_DIR --setting sr4-blur2 [--seed 0]
 """
@@ -30,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from .mask import synthesize_damage
 
 # --------------------------------------------------------------------------------------------------
 # Building blocks
@@ -317,9 +322,36 @@ def realesrgan_degrade(img: torch.Tensor, generator: torch.Generator, cfg: RealE
 
 
 # --------------------------------------------------------------------------------------------------
+# Synthetic damage (repair rather than restoration)
+
+
+@dataclass(frozen=True)
+class Damage:
+    """Cracks, scratches, stains or missing paint drawn on the image (`mask.synthesize_damage`); size kept."""
+    kinds: tuple[str, ...] = ("cracks", "scratches", "missing")
+    amount: float = 1.0  # scales the number of cracks / scratches / patches
+
+    @property
+    def scale(self) -> int:
+        return 1
+
+
+def damage(img: torch.Tensor, setting: str | Damage, seed: int = 0, generator: torch.Generator | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(damaged img (B, 3, H, W) on 8-bit levels, mask (B, 1, H, W) bool: the pixels the damage changed)."""
+    setting = SETTINGS[setting] if isinstance(setting, str) else setting
+    if not isinstance(setting, Damage):
+        raise ValueError(f"{setting} is not a damage setting")
+    if generator is None:
+        generator = torch.Generator().manual_seed(seed)
+    pairs = [synthesize_damage(x, generator, setting.kinds, setting.amount) for x in img]
+    return quantize(torch.stack([d for d, _ in pairs])), torch.stack([m[None] for _, m in pairs])
+
+
+# --------------------------------------------------------------------------------------------------
 # Named settings and the entry point
 
-SETTINGS: dict[str, Setting | RealESRGANConfig] = {
+SETTINGS: dict[str, Setting | RealESRGANConfig | Damage] = {
     "sr4": Setting(scale=4),
     "sr8": Setting(scale=8),
     "sr4-blur2": Setting(scale=4, blur_sigma=2.0),
@@ -327,10 +359,11 @@ SETTINGS: dict[str, Setting | RealESRGANConfig] = {
     "sr4-blur2-noise20-jpeg50": Setting(scale=4, blur_sigma=2.0, noise_sigma=20.0, jpeg_quality=50),
     "jpeg30": Setting(scale=1, jpeg_quality=30),
     "realesrgan": REALESRGAN,
+    "cracks": Damage(),
 }
 
 
-def degrade(img: torch.Tensor, setting: str | Setting | RealESRGANConfig, seed: int = 0,
+def degrade(img: torch.Tensor, setting: str | Setting | RealESRGANConfig | Damage, seed: int = 0,
             generator: torch.Generator | None = None) -> torch.Tensor:
     """LQ version of img (B, 3, H, W) in [0, 1], at (H // s, W // s) for the setting's scale s, on 8-bit
     levels. Random draws come from `generator` when given (it advances), else from one seeded with `seed`."""
@@ -343,6 +376,8 @@ def degrade(img: torch.Tensor, setting: str | Setting | RealESRGANConfig, seed: 
         raise ValueError(f"image {tuple(img.shape[-2:])} is smaller than the scale factor {setting.scale}")
     if isinstance(setting, RealESRGANConfig):
         return realesrgan_degrade(img, generator, setting)
+    if isinstance(setting, Damage):
+        return damage(img, setting, generator=generator)[0]
     return apply_setting(img, setting, generator)
 
 
