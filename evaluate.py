@@ -3,18 +3,24 @@
     python evaluate.py --gt photos/ --out eval/                          # bicubic and SUPIR on sr4-blur2
     python evaluate.py --gt photos/ --out eval/ --method supir supir+lora --lora style.safetensors:0.8
     python evaluate.py --gt photos/ --out /tmp/ev --model tiny --steps 2 --min-size 0 --limit 2   # smoke test
+    python evaluate.py --gt photos/ --out eval-cracks/ --setting cracks    # repair: damaged, fill, SUPIR repair
 
 Each image is degraded with `--setting`, seeded from `--seed` and its file name (degrade.image_seed). Then
 every method restores it, and the result is compared with the ground truth. Written to --out:
 
-    results.csv         one row per (image, method): PSNR / SSIM on RGB and on Y, LPIPS, seconds, peak memory
+    results.csv         one row per (image, method): PSNR / SSIM on RGB and on Y, LPIPS, seconds, peak memory;
+                        damage settings also PSNR / SSIM inside the damage mask
     summary.md          mean ± std over the images, per method
     bars.png            the means as bar charts
-    gain.png            PSNR gain of each method over bicubic, one dot per image
-    grid.png            GT | LQ | each method: centre crops of the first images
+    gain.png            PSNR gain of each method over the baseline (bicubic; damaged), one dot per image
+    grid.png            GT | LQ (damage settings: mask) | each method: centre crops of the first images
     images/<method>/    restored images, 8-bit PNG: the metrics are computed on exactly these pixels
     images/lq/          the degraded inputs
     run.json            what the rows were computed with; a resumed run must match it
+
+Damage settings (`--setting cracks`) repair instead: the methods are `damaged` (the input as it is, the
+baseline), `fill` (classical inpainting, repair.prefill) and `supir` (mask-guided SUPIR repair), each with the
+automatic damage mask or, with --known-mask, the synthetic damage's own mask.
 
 Rows already in results.csv are not recomputed. An interrupted run resumes where it stopped, and adding a
 method or images computes only the new rows.
@@ -42,20 +48,26 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import sample
-from mini_supir import pipeline, supir
-from mini_supir.degrade import IMAGE_SUFFIXES, SETTINGS, degrade, image_seed, load_image, modcrop, quantize, \
-    save_image, to_uint8, upsample
-from mini_supir.metrics import LPIPS, psnr, ssim
+from mini_supir import mask as masks
+from mini_supir import pipeline, repair, supir
+from mini_supir.degrade import IMAGE_SUFFIXES, SETTINGS, Damage, damage, degrade, image_seed, load_image, modcrop, \
+    quantize, save_image, to_uint8, upsample
+from mini_supir.metrics import LPIPS, _filter_valid, _gaussian_window, psnr, ssim
 
-COLUMNS = ["image", "method", "setting", "height", "width", "psnr", "ssim", "psnr_y", "ssim_y", "lpips",
-           "seconds", "peak_mem_mib", "mem_kind"]
-METRICS = ["psnr", "ssim", "psnr_y", "ssim_y", "lpips"]
-BASELINE = "bicubic"
+# Columns before the mask metrics were added: such a results.csv is upgraded in place (empty mask cells).
+OLD_COLUMNS = ["image", "method", "setting", "height", "width", "psnr", "ssim", "psnr_y", "ssim_y", "lpips",
+               "seconds", "peak_mem_mib", "mem_kind"]
+COLUMNS = OLD_COLUMNS + ["psnr_mask", "ssim_mask"]
+METRICS = ["psnr", "ssim", "psnr_y", "ssim_y", "lpips", "psnr_mask", "ssim_mask"]
+BASELINE = "bicubic"           # restoration settings: where every restorer starts
+REPAIR_BASELINE = "damaged"    # damage settings: the damaged input, unrepaired
+REPAIR_METHODS = [REPAIR_BASELINE, "fill", "supir", "supir+lora"]
 
 # A method maps (LQ (1, 3, h, w) in [0, 1], as `degrade` returns it; GT size (H, W)) to the restored image
-# (1, 3, H, W) in [0, 1]. Methods that hold a model may also have open() / close() (load before the first
-# timed call, free after the last) and a `device` (where its peak memory is measured).
-Method = Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
+# (1, 3, H, W) in [0, 1]. For damage settings it gets a third argument, the synthetic damage's known mask
+# (1, 1, H, W) bool. Methods that hold a model may also have open() / close() (load before the first timed
+# call, free after the last) and a `device` (where its peak memory is measured).
+Method = Callable[..., torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -67,6 +79,29 @@ def bicubic(lq: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return upsample(lq, size)
 
 
+def damaged(lq: torch.Tensor, size: tuple[int, int], known: torch.Tensor) -> torch.Tensor:
+    """The repair baseline: the damaged image as it is."""
+    return lq
+
+
+def repair_mask(lq: torch.Tensor, known: torch.Tensor, use_known: bool) -> torch.Tensor:
+    """The damage weight (H, W) a repair method works with: the automatic detector's on the damaged image
+    (what a user gets), or with `use_known` the synthetic damage's own mask (detection taken out)."""
+    return repair.soft_mask(known[0, 0] if use_known else masks.detect_damage(lq[0]))
+
+
+class Fill:
+    """Classical inpainting (repair.prefill: pull-push + membrane smoothing), blended in with the weight, as
+    the SUPIR repair is."""
+
+    def __init__(self, use_known: bool):
+        self.use_known = use_known
+
+    def __call__(self, lq: torch.Tensor, size: tuple[int, int], known: torch.Tensor) -> torch.Tensor:
+        m = repair_mask(lq, known, self.use_known)
+        return m * repair.prefill(lq, m >= repair.HOLE) + (1 - m) * lq
+
+
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)[None].float() / 255
 
@@ -75,8 +110,9 @@ class SUPIRMethod:
     """SUPIR through pipeline.Restorer. The model is loaded by open() and freed by close(); methods run one
     after the other, so one model is in memory at a time."""
 
-    def __init__(self, load: Callable[[], pipeline.Restorer], settings: pipeline.RestoreSettings, seed: int):
-        self.load, self.settings, self.seed = load, settings, seed
+    def __init__(self, load: Callable[[], pipeline.Restorer], settings: pipeline.RestoreSettings, seed: int,
+                 use_known: bool = False):
+        self.load, self.settings, self.seed, self.use_known = load, settings, seed, use_known
         self.restorer: pipeline.Restorer | None = None
 
     @property
@@ -95,9 +131,11 @@ class SUPIRMethod:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def __call__(self, lq: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def __call__(self, lq: torch.Tensor, size: tuple[int, int], known: torch.Tensor | None = None) -> torch.Tensor:
+        """Restore, or with the `known` mask of a damage setting, repair (mask-guided, see repair.py)."""
         settings = replace(self.settings, upscale=size[0] / lq.shape[-2])
-        out = self.restorer.restore(Image.fromarray(to_uint8(lq)[0]), settings, self.seed)
+        weight = None if known is None else repair_mask(lq, known, self.use_known)
+        out = self.restorer.restore(Image.fromarray(to_uint8(lq)[0]), settings, self.seed, mask=weight)
         if out.size != (size[1], size[0]):  # a setting whose scale differs along H and W
             out = out.resize((size[1], size[0]), Image.LANCZOS)
         return pil_to_tensor(out)
@@ -109,9 +147,17 @@ def build_methods(args: argparse.Namespace) -> tuple[dict[str, Method], dict[str
     given = {"steps": args.steps, "min_size": args.min_size}
     settings = replace(settings, **{k: v for k, v in given.items() if v is not None})
     methods, configs = {}, {}
+    repairing = isinstance(SETTINGS[args.setting], Damage)
+    mask = {"mask": "known" if args.known_mask else "auto"} if repairing else {}
     for name in args.method:
         if name == BASELINE:
             methods[name], configs[name] = bicubic, {"method": BASELINE}
+            continue
+        if name == REPAIR_BASELINE:
+            methods[name], configs[name] = damaged, {"method": REPAIR_BASELINE}
+            continue
+        if name == "fill":
+            methods[name], configs[name] = Fill(args.known_mask), {"method": "fill", **mask}
             continue
         variants = [(name, [])] if name == "supir" else [(lora_method_name(p, s), [(p, s)]) for p, s in args.lora]
         for method_name, loras in variants:
@@ -119,10 +165,10 @@ def build_methods(args: argparse.Namespace) -> tuple[dict[str, Method], dict[str
                                                dtype=args.dtype, vae_dtype=args.vae_dtype, offload=args.offload,
                                                mode=args.mode)
             methods[method_name] = SUPIRMethod(lambda a=restorer_args: sample.build_restorer(a, args.device)[0],
-                                               settings, args.seed)
+                                               settings, args.seed, args.known_mask)
             configs[method_name] = {"method": "supir", "model": args.model, "sdxl": args.sdxl, "supir": args.supir,
                                     "mode": args.mode, "loras": [[str(p), s] for p, s in loras],
-                                    "settings": settings.to_dict(), "seed": args.seed}
+                                    "settings": settings.to_dict(), "seed": args.seed, **mask}
     return methods, configs
 
 
@@ -182,10 +228,36 @@ def opened(method: Method):
             method.close()
 
 
-def scores(out: torch.Tensor, gt: torch.Tensor, crop: int, lpips: LPIPS | None) -> dict[str, float | None]:
+def masked_scores(out: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, crop: int) -> dict[str, float | None]:
+    """PSNR over the masked pixels (all channels) and SSIM inside the mask: the mean of the SSIM map (the
+    metrics.ssim convention: 11x11 Gaussian window, valid region) over the positions whose centre pixel is
+    masked. None where the mask is empty."""
+    if crop:
+        out, gt, mask = (t[..., crop:-crop, crop:-crop] for t in (out, gt, mask))
+    m = mask[0, 0]
+    if not bool(m.any()):
+        return {"psnr_mask": None, "ssim_mask": None}
+    a, b = out.double(), gt.double()
+    mse = (a - b)[0][:, m].square().mean()
+    taps = _gaussian_window(1.5)
+    r = len(taps) // 2
+    moments = _filter_valid(torch.cat([a, b, a * a, b * b, a * b], dim=1), taps)
+    mu_a, mu_b, aa, bb, ab = moments.chunk(5, dim=1)
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * (ab - mu_a * mu_b) + c2)) / \
+        ((mu_a ** 2 + mu_b ** 2 + c1) * (aa - mu_a ** 2 + bb - mu_b ** 2 + c2))
+    inner = m[r:m.shape[0] - r, r:m.shape[1] - r]
+    ssim_mask = ssim_map.mean(1)[0][inner].mean().item() if bool(inner.any()) else None
+    return {"psnr_mask": (10.0 * torch.log10(1.0 / mse)).item(), "ssim_mask": ssim_mask}
+
+
+def scores(out: torch.Tensor, gt: torch.Tensor, crop: int, lpips: LPIPS | None,
+           mask: torch.Tensor | None = None) -> dict[str, float | None]:
     row = {"psnr": psnr(out, gt, crop).item(), "ssim": ssim(out, gt, crop).item(),
            "psnr_y": psnr(out, gt, crop, y_channel=True).item(), "ssim_y": ssim(out, gt, crop, y_channel=True).item(),
-           "lpips": None}
+           "lpips": None, "psnr_mask": None, "ssim_mask": None}
+    if mask is not None:
+        row.update(masked_scores(out, gt, mask, crop))
     if lpips is not None:
         if crop:
             out, gt = out[..., crop:-crop, crop:-crop], gt[..., crop:-crop, crop:-crop]
@@ -199,15 +271,19 @@ def scores(out: torch.Tensor, gt: torch.Tensor, crop: int, lpips: LPIPS | None) 
 # Inputs, results file, run record
 
 
-def ground_truth_and_lq(path: Path, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
-    """(GT centre-cropped to --gt-crop and to a multiple of the scale, its LQ)."""
+def ground_truth_and_lq(path: Path, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(GT centre-cropped to --gt-crop and to a multiple of the scale, its LQ, the damage mask (1, 1, H, W)
+    bool of a damage setting or None)."""
     gt = load_image(path)
     if args.gt_crop:
         h, w = gt.shape[-2:]
         ch, cw = min(h, args.gt_crop), min(w, args.gt_crop)
         gt = gt[..., (h - ch) // 2:(h - ch) // 2 + ch, (w - cw) // 2:(w - cw) // 2 + cw]
     gt = modcrop(gt, SETTINGS[args.setting].scale)
-    return gt, degrade(gt, args.setting, seed=image_seed(args.seed, path.name))
+    seed = image_seed(args.seed, path.name)
+    if isinstance(SETTINGS[args.setting], Damage):
+        return gt, *damage(gt, args.setting, seed=seed)
+    return gt, degrade(gt, args.setting, seed=seed), None
 
 
 def read_results(path: Path) -> list[dict[str, str]]:
@@ -216,10 +292,10 @@ def read_results(path: Path) -> list[dict[str, str]]:
         return []
     text = path.read_text(encoding="utf-8")
     reader = csv.DictReader(text.splitlines())
-    if reader.fieldnames != COLUMNS:
+    if reader.fieldnames not in (COLUMNS, OLD_COLUMNS):
         raise ValueError(f"{path} has columns {reader.fieldnames}, expected {COLUMNS}: use another --out")
-    rows = [r for r in reader if None not in r.values() and None not in r]
-    if not text.endswith("\n") or len(rows) != len(text.splitlines()) - 1:
+    rows = [{c: r.get(c, "") for c in COLUMNS} for r in reader if None not in r.values() and None not in r]
+    if reader.fieldnames != COLUMNS or not text.endswith("\n") or len(rows) != len(text.splitlines()) - 1:
         write_atomic(path, csv_text(rows, header=True))
     return rows
 
@@ -272,8 +348,10 @@ def as_float(s: str) -> float | None:
 
 
 def summarise(rows: list[dict[str, str]], methods: list[str]) -> dict[str, dict]:
-    """Per method: (mean, std) of every metric, seconds and PSNR gain over bicubic; max peak memory."""
-    base = {r["image"]: float(r["psnr"]) for r in rows if r["method"] == BASELINE}
+    """Per method: (mean, std) of every metric, seconds and PSNR gain over the baseline (the first method);
+    max peak memory."""
+    baseline = methods[0]
+    base = {r["image"]: float(r["psnr"]) for r in rows if r["method"] == baseline}
     out = {}
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
@@ -282,7 +360,7 @@ def summarise(rows: list[dict[str, str]], methods: list[str]) -> dict[str, dict]
         stats = {"n": len(mine), "mem_kind": mine[0]["mem_kind"],
                  "peak_mem_mib": max(float(r["peak_mem_mib"]) for r in mine)}
         columns = {k: [as_float(r[k]) for r in mine] for k in [*METRICS, "seconds"]}
-        columns["gain"] = [float(r["psnr"]) - base[r["image"]] for r in mine if r["image"] in base and m != BASELINE]
+        columns["gain"] = [float(r["psnr"]) - base[r["image"]] for r in mine if r["image"] in base and m != baseline]
         for k, values in columns.items():
             values = [v for v in values if v is not None]
             stats[k] = (float(np.mean(values)), float(np.std(values))) if values else None
@@ -296,11 +374,17 @@ MEMORY_KINDS = {"cuda": "GPU max_memory_allocated", "rss": "process peak RSS",
 
 def markdown(summary: dict[str, dict], args: argparse.Namespace, n_images: int) -> str:
     kinds = ", ".join(f"{k}: {MEMORY_KINDS[k]}" for k in sorted({s["mem_kind"] for s in summary.values()}))
+    masked = any(s["psnr_mask"] for s in summary.values())
     head = (f"`{args.setting}`, {n_images} images, {args.crop_border} px border cropped. Mean ± std (population) "
-            f"over the images. PSNR / SSIM on RGB, -Y on BT.601 luma; gain: PSNR minus bicubic's on the same "
-            f"image. Peak memory: the largest over the images ({kinds}).")
+            f"over the images. PSNR / SSIM on RGB, -Y on BT.601 luma; gain: PSNR minus {args.method[0]}'s on the "
+            f"same image. "
+            + ("-mask: inside the synthetic damage's mask (PSNR over its pixels, SSIM map averaged over them; "
+               f"repairs used the {'known' if args.known_mask else 'automatic'} mask). " if masked else "")
+            + f"Peak memory: the largest over the images ({kinds}).")
     cols = [("PSNR (dB)", "psnr", 2), ("SSIM", "ssim", 4), ("PSNR-Y (dB)", "psnr_y", 2), ("SSIM-Y", "ssim_y", 4),
-            ("LPIPS", "lpips", 4), ("gain (dB)", "gain", 2), ("s / image", "seconds", 3)]
+            ("LPIPS", "lpips", 4)] \
+        + ([("PSNR-mask (dB)", "psnr_mask", 2), ("SSIM-mask", "ssim_mask", 4)] if masked else []) \
+        + [("gain (dB)", "gain", 2), ("s / image", "seconds", 3)]
     lines = [head, "", "| method | " + " | ".join(c for c, _, _ in cols) + " | peak MiB |",
              "|---|" + "---:|" * (len(cols) + 1)]
     for m, s in summary.items():
@@ -323,7 +407,7 @@ def font(size: int) -> ImageFont.FreeTypeFont:
 
 def colours(methods: list[str]) -> dict[str, str]:
     others = iter(PALETTE * len(methods))
-    return {m: BASELINE_COLOUR if m == BASELINE else next(others) for m in methods}
+    return {m: BASELINE_COLOUR if m in (BASELINE, REPAIR_BASELINE) else next(others) for m in methods}
 
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -405,6 +489,7 @@ def bar_chart(summary: dict[str, dict], path: Path, title: str, y_channel: bool)
     panels = [(f"psnr{y}", f"PSNR{'-Y' if y else ''} (higher is better)", "dB", 2),
               (f"ssim{y}", f"SSIM{'-Y' if y else ''} (higher is better)", "SSIM", 3),
               ("lpips", "LPIPS (lower is better)", "LPIPS", 3),
+              ("psnr_mask", "PSNR in the damage mask", "dB", 2),
               ("seconds", "time per image", "seconds", 2)]
     panels = [p for p in panels if any(s[p[0]] for s in summary.values())]
     methods = list(summary)
@@ -442,14 +527,15 @@ def bar_chart(summary: dict[str, dict], path: Path, title: str, y_channel: bool)
 
 
 def gain_plot(rows: list[dict[str, str]], methods: list[str], path: Path, title: str, y_channel: bool) -> None:
-    """Per method, one dot per image at its PSNR minus bicubic's on the same image; a bar at the mean."""
+    """Per method, one dot per image at its PSNR minus the baseline's (the first method) on the same image; a
+    bar at the mean."""
     key = "psnr_y" if y_channel else "psnr"
-    base = {r["image"]: float(r[key]) for r in rows if r["method"] == BASELINE}
+    base = {r["image"]: float(r[key]) for r in rows if r["method"] == methods[0]}
     gains = {m: [float(r[key]) - base[r["image"]] for r in rows if r["method"] == m and r["image"] in base]
              for m in methods}
     gains = {m: g for m, g in gains.items() if g}
     if len(gains) > 1:
-        del gains[BASELINE]  # zero by definition
+        del gains[methods[0]]  # zero by definition
     everything = [v for g in gains.values() for v in g] + [0.0]
     span = max(everything) - min(everything) or 1.0
     ticks = nice_ticks(min(everything) - 0.08 * span, max(everything) + 0.08 * span)
@@ -476,19 +562,21 @@ def gain_plot(rows: list[dict[str, str]], methods: list[str], path: Path, title:
 
 
 def grid(images: list[Path], methods: list[str], args: argparse.Namespace, path: Path) -> None:
-    """Rows: the first --grid images. Columns: GT | LQ (nearest-neighbour, to show its pixels) | methods.
-    Each cell is the same centre crop of --grid-crop GT pixels, at 1:1."""
+    """Rows: the first --grid images. Columns: GT | LQ (nearest-neighbour, to show its pixels) | methods; for
+    damage settings GT | damage mask | methods (the damaged input is the first method). Each cell is the same
+    centre crop of --grid-crop GT pixels, at 1:1."""
     cell, label_w, head_h = args.grid_crop, 34, 34
-    columns = ["GT", "LQ", *methods]
+    columns = ["GT", "LQ" if args.method[0] == BASELINE else "mask", *methods]
     canvas = Image.new("RGB", (label_w + cell * len(columns), head_h + cell * len(images)), "white")
     draw = ImageDraw.Draw(canvas)
     for c, name in enumerate(columns):
         draw.text((label_w + cell * c + cell // 2, head_h // 2), fit(name, cell - 8, font(14)), font=font(14),
                   fill=INK, anchor="mm")
     for r, image_path in enumerate(images):
-        gt, lq = ground_truth_and_lq(image_path, args)
+        gt, lq, known = ground_truth_and_lq(image_path, args)
         h, w = gt.shape[-2:]
-        crops = [Image.fromarray(to_uint8(gt)[0]), Image.fromarray(to_uint8(lq)[0]).resize((w, h), Image.NEAREST)]
+        second = Image.fromarray(to_uint8(lq)[0]) if known is None else repair.mask_image(known[0, 0])
+        crops = [Image.fromarray(to_uint8(gt)[0]), second.convert("RGB").resize((w, h), Image.NEAREST)]
         for m in methods:
             restored = args.out / "images" / folder_name(m) / f"{image_path.stem}.png"
             crops.append(Image.open(restored).convert("RGB") if restored.exists() else None)
@@ -516,8 +604,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gt", type=Path, required=True, help="folder of ground-truth images")
     p.add_argument("--out", type=Path, required=True, help="output folder (created; an existing one is resumed)")
     p.add_argument("--setting", default="sr4-blur2", choices=sorted(SETTINGS), help="degradation (default: sr4-blur2)")
-    p.add_argument("--method", nargs="+", default=[BASELINE, "supir"], choices=[BASELINE, "supir", "supir+lora"],
-                   help="methods (default: bicubic supir); supir+lora: one method per --lora")
+    p.add_argument("--method", nargs="+", choices=[BASELINE, "supir", "supir+lora", REPAIR_BASELINE, "fill"],
+                   help="methods (default: bicubic supir; damage settings: damaged fill supir); supir+lora: one "
+                        "method per --lora; damaged, fill: damage settings only")
+    p.add_argument("--known-mask", action="store_true",
+                   help="damage settings: repair with the synthetic damage's own mask instead of the automatic one")
     p.add_argument("--lora", action="append", default=[], type=sample.lora_spec, metavar="FILE[:SCALE]",
                    help="LoRA for supir+lora, merged at SCALE (default 1); repeatable")
     p.add_argument("--limit", type=int, help="only the first N images (sorted by name)")
@@ -546,7 +637,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--vae-dtype", choices=["auto", *pipeline.DTYPES], default="auto")
     m.add_argument("--offload", action="store_true", help="each part on the GPU only while it runs")
     args = p.parse_args(argv)
-    args.method = list(dict.fromkeys([BASELINE, *args.method]))  # bicubic: the reference of every gain
+    repairing = isinstance(SETTINGS[args.setting], Damage)
+    # the baseline comes first: the reference of every gain
+    baseline, default = (REPAIR_BASELINE, ["fill", "supir"]) if repairing else (BASELINE, ["supir"])
+    args.method = list(dict.fromkeys([baseline, *(args.method or default)]))
+    wrong = [m for m in args.method if (m in REPAIR_METHODS) != repairing and m not in ("supir", "supir+lora")]
+    if wrong:
+        p.error(f"--method {wrong[0]} is for {'restoration' if repairing else 'damage'} settings, "
+                f"not {args.setting}")
+    if args.known_mask and not repairing:
+        p.error(f"--known-mask is for damage settings, not {args.setting}")
     if args.crop_border is None:
         scale = SETTINGS[args.setting].scale
         args.crop_border = scale if scale > 1 else 0
@@ -601,18 +701,18 @@ def run_method(name: str, method: Method, files: list[Path], args: argparse.Name
         for path in files:
             progress.set_postfix_str(f"{name} {path.name}")
             try:
-                gt, lq = ground_truth_and_lq(path, args)
+                gt, lq, known = ground_truth_and_lq(path, args)
                 save_image(lq, args.out / "images" / "lq" / f"{path.stem}.png")
                 meter.reset()
                 start = time.perf_counter()
-                out = method(lq, tuple(gt.shape[-2:]))
+                out = method(lq, tuple(gt.shape[-2:])) if known is None else method(lq, tuple(gt.shape[-2:]), known)
                 peak = meter.peak_mib()  # synchronises the GPU, so the time below covers all its work
                 seconds = time.perf_counter() - start
                 out = quantize(out.detach().float().cpu().clamp(0, 1))  # the pixels the PNG holds
                 save_image(out, folder / f"{path.stem}.png")
                 row = format_row({"image": path.name, "method": name, "setting": args.setting,
                                   "height": gt.shape[-2], "width": gt.shape[-1],
-                                  **scores(out, gt, args.crop_border, lpips),
+                                  **scores(out, gt, args.crop_border, lpips, known),
                                   "seconds": seconds, "peak_mem_mib": peak, "mem_kind": meter.kind})
             except torch.cuda.OutOfMemoryError:
                 fail(f"{path} ({name}): out of GPU memory (try --offload, or --gt-crop)")
@@ -641,7 +741,7 @@ def write_reports(rows: list[dict[str, str]], files: list[Path], methods: list[s
     table = markdown(summary, args, len({r["image"] for r in current}))
     write_atomic(args.out / "summary.md", table)
     bar_chart(summary, args.out / "bars.png", f"{title}: mean ± std", args.y_channel)
-    gain_plot(current, methods, args.out / "gain.png", f"{title}: PSNR gain over bicubic", args.y_channel)
+    gain_plot(current, methods, args.out / "gain.png", f"{title}: PSNR gain over {methods[0]}", args.y_channel)
     grid(files[:args.grid], methods, args, args.out / "grid.png")
     print(table)
 

@@ -92,7 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     io.add_argument("--image", nargs="+", action="extend", required=True, help="image files, folders or glob patterns")
     io.add_argument("--out", default="outputs", help="output folder (default: outputs)")
     io.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist")
-    io.add_argument("--compare", action="store_true", help="also write <name>_compare.png: input | result")
+    io.add_argument("--compare", action="store_true", help="also write <name>_compare.png: input | result "
+                    "(repair: damaged | mask | result), then --clean if given")
     io.add_argument("--upscale", type=float, help="result size = input size x upscale (default: 1)")
     io.add_argument("--min-size", type=int, help="work at least at this short side, px (default: 1024)")
 

@@ -3,6 +3,7 @@
     python train.py --data photos/ --lora-rank 16 --out runs/faces           # SDXL + SUPIR v0Q, 512 px crops
     python train.py --data photos/ --model tiny --resolution 64 --max-steps 50 --out /tmp/smoke   # CPU, seconds
     python -m torch.distributed.run --nproc_per_node 8 train.py --data photos/ ...   # multi-GPU (or gloo on CPU)
+    python train.py --data photos/ --task repair --out runs/repair    # cracks / scratches / missing paint
 
 Each step: random HQ crops from the folder, degraded online (degrade.py, seeded), and SUPIR's training loss
 (sgm StandardDiffusionLoss with SUPIR's control input):
@@ -12,6 +13,10 @@ Each step: random HQ crops from the folder, degraded online (degrade.py, seeded)
     sigma ~ DiscreteSampling (uniform over the 1000 LegacyDDPM sigmas) or EDM lognormal
     D = Denoiser(x0 + sigma n, sigma, {crossattn, vector, control=_z})     eps network, EpsScaling
     loss = mean(w(sigma) (D - x0)^2),  w = sigma^-2 (EpsWeighting: the eps MSE)  [+ lambda sum ||A||^2 + ||B||^2]
+
+--task repair trains for mask-guided repair (sample.py --repair): the LQ is synthetic damage with the damaged
+pixels prefilled as the repair pipeline does, and the loss is weighted 1 + --mask-weight * mask per pixel
+(pooled to the latent grid).
 
 Only the UNet's LoRA adapters train; the UNet, control model, VAE and text encoders stay frozen. Everything a
 run writes goes to --out: train_log.csv, loss_curve.png, previews/, checkpoint.pt (--resume continues it
@@ -31,6 +36,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,11 +45,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from mini_supir import degrade, lora, supir
+from mini_supir import degrade, lora, repair, supir
 from mini_supir.sampler import Denoiser
-from mini_supir.train_utils import (DEGRADATIONS, Crops, DataError, Order, atomic, collate, frobenius, learning_rate, mix,
-                                    plot_loss, read_log, rng_state, sample_sigmas, scan_folder, set_rng_state,
-                                    training_loss, write_log)
+from mini_supir.train_utils import (DEGRADATIONS, MASK_WEIGHT, REPAIR_DEGRADATIONS, Crops, DataError, Order, atomic,
+                                    collate, frobenius, learning_rate, mix, plot_loss, read_log, rng_state,
+                                    sample_sigmas, scan_folder, set_rng_state, training_loss, write_log)
 
 try:  # previews only; training never needs the restoration pipeline
     from mini_supir import pipeline
@@ -63,8 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     d = p.add_argument_group("data")
     d.add_argument("--data", required=True, type=Path, help="folder of HQ images, optional <name>.txt captions")
     d.add_argument("--resolution", type=int, default=512, help="square random crop, px (SUPIR: 512)")
-    d.add_argument("--degradation", default="sr4-blur2", choices=sorted(DEGRADATIONS),
-                   help="online degradation (degrade.SETTINGS): sr4-blur2 = the paper's blur 2 + x4; realesrgan")
+    d.add_argument("--task", choices=["restore", "repair"], default="restore",
+                   help="restore: degraded photos (SUPIR); repair: synthetic damage, loss weighted to the mask")
+    d.add_argument("--degradation", choices=sorted(DEGRADATIONS),
+                   help="online degradation (degrade.SETTINGS); restore: sr4-blur2 (default) = the paper's blur 2 "
+                        "+ x4, realesrgan, ...; repair: cracks-paint (default), cracks")
+    d.add_argument("--mask-weight", type=float, default=MASK_WEIGHT,
+                   help="repair: loss weight 1 + K * mask (the feathered damage mask)")
     d.add_argument("--caption-dropout", type=float, default=0.05, help="chance a caption is replaced by ''")
     d.add_argument("--default-caption", default="", help="caption of images without a <name>.txt")
     d.add_argument("--workers", type=int, default=2, help="data loader processes (0: load in the main one)")
@@ -121,11 +132,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="continue from CHECKPOINT (default: <out>/checkpoint.pt)")
     args = p.parse_args(argv)
     args.lora_alpha = args.lora_rank if args.lora_alpha is None else args.lora_alpha
+    if args.degradation is None:
+        args.degradation = "cracks-paint" if args.task == "repair" else "sr4-blur2"
+    if (args.task == "repair") != (args.degradation in REPAIR_DEGRADATIONS):
+        p.error(f"--task {args.task} does not go with --degradation {args.degradation}: damage settings "
+                f"({', '.join(REPAIR_DEGRADATIONS)}) are for --task repair, the others for --task restore")
     problems = [f"--{name} must be {what}" for name, ok, what in (
         ("batch-size", args.batch_size >= 1, ">= 1"), ("grad-accum", args.grad_accum >= 1, ">= 1"),
         ("max-steps", args.max_steps >= 1, ">= 1"), ("save-every", args.save_every >= 1, ">= 1"),
         ("lora-rank", args.lora_rank >= 1, ">= 1"), ("ema", 0 <= args.ema < 1, "in [0, 1)"),
-        ("caption-dropout", 0 <= args.caption_dropout <= 1, "in [0, 1]"),
+        ("caption-dropout", 0 <= args.caption_dropout <= 1, "in [0, 1]"), ("mask-weight", args.mask_weight >= 0, ">= 0"),
         ("timestep-range", 0 <= args.timestep_range[0] <= args.timestep_range[1] <= 999, "0 <= MIN <= MAX <= 999"))
         if not ok]
     if problems:
@@ -165,6 +181,8 @@ class Trainer:
 
         files, captions = scan_folder(args.data, args.default_caption, warn=self.main)
         degradation = DEGRADATIONS[args.degradation]
+        if args.task == "repair":
+            degradation = partial(degradation, mask_weight=args.mask_weight)
         self.check_resolution()
         self.data = Crops(files, captions, args.resolution, degradation, args.caption_dropout)
         self.order = Order(len(files), args.seed, self.rank, self.world)
@@ -280,7 +298,13 @@ class Trainer:
             img = degrade.resize(img, (max(r, round(img.shape[-2] * s)), max(r, round(img.shape[-1] * s)))).clamp(0, 1)
         top, left = (img.shape[-2] - r) // 2, (img.shape[-1] - r) // 2
         hq = img[..., top:top + r, left:left + r]
-        lq, _ = DEGRADATIONS[self.args.degradation](hq, torch.Generator().manual_seed(self.args.seed))
+        generator = torch.Generator().manual_seed(self.args.seed)
+        mask = None
+        if self.args.task == "repair":  # the damaged crop and its known mask, repaired as sample.py --mask does
+            lq, hole = degrade.damage(hq, self.args.degradation, generator=generator)
+            mask = repair.soft_mask(hole[0, 0])
+        else:
+            lq, _ = DEGRADATIONS[self.args.degradation](hq, generator)
         caption = path.with_suffix(".txt").read_text().strip() if path.with_suffix(".txt").exists() else self.args.default_caption
         # the LQ is given at the HQ size, as in training; SUPIR's Quality settings with few steps
         settings = replace(pipeline.QUALITY, steps=self.args.preview_steps, min_size=0, prompt=caption)
@@ -288,7 +312,7 @@ class Trainer:
         restorer.encode_prompts([settings.positive_text, settings.negative])
         to_pil = lambda x: Image.fromarray(degrade.to_uint8(x)[0])  # noqa: E731
         (self.out / "previews").mkdir(exist_ok=True)
-        return {"hq": to_pil(hq), "lq": to_pil(lq), "settings": settings, "restorer": restorer}
+        return {"hq": to_pil(hq), "lq": to_pil(lq), "mask": mask, "settings": settings, "restorer": restorer}
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 
@@ -342,7 +366,7 @@ class Trainer:
         meta = {"ss_learning_rate": str(a.lr), "ss_max_train_steps": str(a.max_steps), "ss_steps": str(self.step),
                 "ss_num_train_images": str(len(self.data)), "ss_resolution": f"({a.resolution}, {a.resolution})",
                 "ss_batch_size_per_device": str(a.batch_size), "ss_gradient_accumulation_steps": str(a.grad_accum),
-                "ss_seed": str(a.seed), "ss_training_comment": f"mini_supir train.py, {a.degradation} restoration",
+                "ss_seed": str(a.seed), "ss_training_comment": f"mini_supir train.py, {a.task} ({a.degradation})",
                 "mini_supir.training": json.dumps({**self.settings(), "world_size": self.world, "steps_done": self.step,
                                                    "ema_weights": self.ema is not None})}
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.save_precision]
@@ -355,7 +379,8 @@ class Trainer:
         self.swap_ema()
         self.model.eval()
         try:
-            restored = self.preview["restorer"].restore(self.preview["lq"], self.preview["settings"], seed=self.args.seed)
+            p = self.preview
+            restored = p["restorer"].restore(p["lq"], p["settings"], seed=self.args.seed, mask=p["mask"])
         finally:
             self.model.train()
             self.swap_ema()

@@ -14,9 +14,9 @@ Named settings (`SETTINGS`):
   `sr4-blur2` (Gaussian blur sigma 2, bicubic x4) is the SUPIR / seed-paper setting.
 - `realesrgan`: the second-order random pipeline of Real-ESRGAN (Wang et al. 2021, arXiv:2107.10833) with
   the ranges of its x4plus training config (`RealESRGANConfig`).
-- `cracks` (`Damage`): synthetic photo damage from `mask.synthesize_damage` (cracks, scratches, missing
-  paint) at the GT size; `damage(img, setting, seed)` also returns where it is (the mask a repair is scored
-  inside).
+- `cracks`, `cracks-paint` (`Damage`): synthetic photo damage from `mask.synthesize_damage` at the GT size:
+  cracks and scratches (what the automatic damage detector looks for), and those plus patches of missing
+  paint. `damage(img, setting, seed)` also returns where the damage is (the mask a repair is scored inside).
 
 CLI: python -m mini_supir.degrade --in GT_DIR --out LQ_DIR --setting sr4-blur2 [--seed 0]
 """
@@ -328,7 +328,7 @@ def realesrgan_degrade(img: torch.Tensor, generator: torch.Generator, cfg: RealE
 @dataclass(frozen=True)
 class Damage:
     """Cracks, scratches, stains or missing paint drawn on the image (`mask.synthesize_damage`); size kept."""
-    kinds: tuple[str, ...] = ("cracks", "scratches", "missing")
+    kinds: tuple[str, ...] = ("cracks", "scratches")
     amount: float = 1.0  # scales the number of cracks / scratches / patches
 
     @property
@@ -360,6 +360,7 @@ SETTINGS: dict[str, Setting | RealESRGANConfig | Damage] = {
     "jpeg30": Setting(scale=1, jpeg_quality=30),
     "realesrgan": REALESRGAN,
     "cracks": Damage(),
+    "cracks-paint": Damage(("cracks", "scratches", "missing")),
 }
 
 

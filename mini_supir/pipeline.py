@@ -473,7 +473,7 @@ class Restorer:
         if tuple(mask.shape) != prepared.out_size[::-1]:
             raise ValueError(f"the mask is {tuple(mask.shape[::-1])} px, the image {prepared.out_size}")
         m = repair.resize_mask(mask, tuple(prepared.lq.shape[-2:]))
-        lq = repair.prefill(prepared.lq, m > 0)
+        lq = repair.prefill(prepared.lq, m >= repair.HOLE)
         enc_tile, _ = self._vae_tiles(settings, lq.shape[-2:])
         with self._running(self.vae):
             z = self.vae.encode(lq.to(self.device), tile=enc_tile)

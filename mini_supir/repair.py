@@ -3,25 +3,26 @@
 Given a damage weight m (1 = damaged, 0 = keep; from `mask.py`, automatic or painted), the photo is repaired
 in three steps, all plain functions here that the pipeline, evaluation and training share:
 
-1. `prefill`: a classical inpainting (pull-push pyramid + membrane smoothing) replaces the damaged pixels by
-   a smooth guess from their surroundings. SUPIR then sees a blurry patch where the crack was, which is the
-   kind of degradation it was trained to restore; shown the crack itself, its control would reproduce it.
-   Stage 1, the control latent and the restoration-guidance target all come from the prefilled image.
-2. Mask-guided sampling with any sampler: the denoiser is wrapped,
+1. `prefill`: a classical inpainting (pull-push pyramid + membrane smoothing) replaces the damaged pixels
+   (m >= HOLE) by a smooth guess from their surroundings. SUPIR then sees a blurry patch where the crack
+   was, the kind of degradation it was trained to restore; shown the crack itself, its control would
+   reproduce it. Stage 1, the control latent and the restoration-guidance target come from this image.
+2. Mask-guided sampling, for every sampler: the denoiser is wrapped,
 
        D'(x, sigma) = m D(x, sigma) + (1 - m) z_known,
 
-   z_known the (clean) latent of the prefilled input and m the mask pooled to latent size, grown and
-   feathered (`latent_mask`). Each solver step moves x towards D', so outside the mask x keeps the form
-   z_known + sigma * n: an Euler step gives x' - z_known = (sigma' / sigma) (x - z_known), DPM++ 2M
-   x' - z_known = sigma' (e^-eta*h n + sqrt(1 - e^-2eta*h) eps), churn adds noise of the right size. So once the
-   start is z_known + sigma_max * n there (`MaskedDenoiser.start`), the known region follows the input
-   re-noised to every sigma and ends at z_known, while the masked region is generated in its context. This
-   is RePaint's replacement (Lugmayr et al. 2022) done inside the denoiser, so the samplers stay unchanged,
-   and tiled sampling works because z_known and m travel as extra channels of cond["control"], which the
-   tiler cuts to each window like the LQ latent. The restoration-guidance target is blended the same way,
-   so it pulls nothing outside the mask. With control_scale 0 this is plain SDXL inpainting.
-3. `composite`: the decoded result is blended into the original with the pixel mask, in 8-bit, so every
+   z_known the latent of the prefilled input (posterior mean) and m the mask pooled to latent size and
+   feathered (`latent_mask`). Every solver step moves x towards D', so outside the mask x keeps the form
+   z_known + sigma * n: an Euler step gives x' - z_known = (sigma' / sigma) (x - z_known), a DPM++ 2M SDE
+   step x' - z_known = sigma' (exp(-eta h) n + sqrt(1 - exp(-2 eta h)) eps), churn adds noise of the
+   matching size. So once the start is z_known + sigma_max * n there (`Known.start`), the known region
+   follows the input re-noised to each sigma and ends exactly at z_known, while the masked region is
+   generated in its context. This is RePaint's replacement (Lugmayr et al. 2022) done inside the denoiser
+   rather than in a sampler callback: the samplers stay untouched, and tiled sampling works because z_known
+   and m travel as extra channels of cond["control"], which the tiler cuts to each window like the LQ
+   latent. The restoration-guidance target is blended the same way, so it pulls nothing outside the mask.
+   With control_scale 0 this is plain SDXL inpainting.
+3. `composite`: the decoded result is blended into the original with the pixel mask, in 8 bits, so every
    pixel with m = 0 is byte-identical to the input.
 """
 from __future__ import annotations
@@ -40,6 +41,10 @@ from .sampler import Cond, denoiser_sigmas
 # 2 sigma and blurs it, so the latents next to a damaged one are ~94 % free and the fall-off to 0 takes ~5
 # latents. The VAE decoder mixes neighbouring latents: a hard latent mask leaves a seam one latent wide.
 LATENT_FEATHER = 1.0
+# The prefill replaces the pixels whose damage weight is at least this: the hard mask (weight 1) and the inner
+# ring of its feathering. Further out the feathered weight only blends, and the original pixels there are
+# better context for the fill (and for SUPIR) than an interpolation would be.
+HOLE = 0.5
 # Membrane smoothing of the pull-push fill (3x3 mean iterations over the hole): removes the blockiness of the
 # pyramid's bilinear up-sampling at the cost of a few ms.
 SMOOTH_ITERATIONS = 16
@@ -62,8 +67,8 @@ def _pull_push(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def prefill(img: torch.Tensor, hole: torch.Tensor, smooth: int = SMOOTH_ITERATIONS) -> torch.Tensor:
-    """Fill `hole` (bool, (B or 1, 1, H, W)) of `img` (B, C, H, W) from the pixels around it; the others are
-    returned unchanged. Works in any value range (linear in the image)."""
+    """Fill `hole` (bool, (B or 1, 1, H, W); for a damage weight m: m >= HOLE) of `img` (B, C, H, W) from the
+    pixels around it; the others are returned unchanged. Works in any value range (linear in the image)."""
     hole = hole.expand(img.shape[0], 1, *img.shape[-2:])
     known = (~hole).to(img.dtype)
     if not bool(known.any()):  # nothing to fill from

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from . import degrade
+from . import degrade, repair
 from .sampler import Denoiser, denoiser_sigmas
 
 
@@ -40,7 +40,26 @@ def restoration_pair(hq: torch.Tensor, generator: torch.Generator, setting: str)
     return degrade.upsample(degrade.degrade(hq, setting, generator=generator), hq.shape[-2:]), None
 
 
-DEGRADATIONS: dict[str, Degradation] = {name: partial(restoration_pair, setting=name) for name in degrade.SETTINGS}
+# Repair loss weight 1 + k * mask. Outside the mask the repair sampler discards the model's estimate (it keeps
+# the input's latent there), so the damaged pixels are what a repair LoRA must learn; k = 9 weighs them 10x,
+# which makes them the larger part of the loss at a few percent damaged pixels, while the weight 1 elsewhere
+# keeps the LoRA an ordinary restorer of the surroundings it is conditioned on.
+MASK_WEIGHT = 9.0
+
+
+def repair_pair(hq: torch.Tensor, generator: torch.Generator, setting: str,
+                mask_weight: float = MASK_WEIGHT) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic damage, prefilled where the repair pipeline prefills (feathered mask >= repair.HOLE), so the
+    control sees in training what it sees when repairing; the loss weight is 1 + k * feathered mask."""
+    damaged, hole = degrade.damage(hq, setting, generator=generator)
+    soft = torch.stack([repair.soft_mask(h[0]) for h in hole])[:, None]
+    return repair.prefill(damaged, soft >= repair.HOLE), 1 + mask_weight * soft
+
+
+REPAIR_DEGRADATIONS = tuple(name for name, s in degrade.SETTINGS.items() if isinstance(s, degrade.Damage))
+DEGRADATIONS: dict[str, Degradation] = {
+    name: partial(repair_pair if name in REPAIR_DEGRADATIONS else restoration_pair, setting=name)
+    for name in degrade.SETTINGS}
 
 
 # ----------------------------------------------------------------------------------------------------------

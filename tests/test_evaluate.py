@@ -1,5 +1,6 @@
 """evaluate.py end to end on the shared photos: bicubic and a tiny random SUPIR, artefacts, resuming."""
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -153,3 +154,72 @@ def test_nice_ticks():
     assert evaluate.nice_ticks(0, 27.3) == [0, 10, 20, 30]
     assert evaluate.nice_ticks(0, 0.83) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     assert evaluate.tick_labels(evaluate.nice_ticks(-0.4, 1.1)) == ["-0.5", "0.0", "0.5", "1.0", "1.5"]
+
+
+def test_restoration_rows_leave_the_mask_cells_empty(first_run):
+    assert all(r["psnr_mask"] == r["ssim_mask"] == "" for r in read(first_run))
+    assert "PSNR-mask" not in (first_run / "summary.md").read_text()
+
+
+def test_cracks_setting_scores_inside_the_damage_mask(tmp_path):
+    out = tmp_path / "cracks"
+    assert evaluate.main([*TINY, "--out", str(out), "--setting", "cracks", "--gt-crop", "96"]) == 0
+    rows = read(out)
+    assert [(r["image"], r["method"]) for r in rows] == [
+        (i, m) for m in ("damaged", "fill", "supir") for i in ("astronaut.png", "coffee.png")]
+    for r in rows:
+        assert r["setting"] == "cracks" and 0 < float(r["ssim_mask"]) < 1 and 3 < float(r["psnr_mask"]) < 40
+    assert "PSNR-mask" in (out / "summary.md").read_text() and "minus damaged's" in (out / "summary.md").read_text()
+    for name in ARTEFACTS:
+        assert (out / name).stat().st_size > 0, name
+
+    # the damaged rows, recomputed here; SSIM inside the mask against scikit-image's full SSIM map
+    row = next(r for r in rows if r["method"] == "damaged" and r["image"] == "coffee.png")
+    gt = load_image(IMAGES / "coffee.png")
+    h, w = gt.shape[-2:]
+    gt = gt[..., (h - 96) // 2:(h - 96) // 2 + 96, (w - 96) // 2:(w - 96) // 2 + 96]
+    damaged, known = evaluate.damage(gt, "cracks", seed=image_seed(0, "coffee.png"))
+    assert np.array_equal(np.asarray(Image.open(out / "images" / "damaged" / "coffee.png")),
+                          (damaged[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    m = known[0, 0].numpy()
+    ref = gt[0].permute(1, 2, 0).double().numpy()
+    bad = damaged[0].permute(1, 2, 0).double().numpy()
+    assert float(row["psnr_mask"]) == pytest.approx(10 * np.log10(1 / ((bad - ref)[m] ** 2).mean()), abs=1e-5)
+    _, full = structural_similarity(ref, bad, channel_axis=2, gaussian_weights=True, sigma=1.5,
+                                    use_sample_covariance=False, data_range=1.0, full=True)
+    inner = m[5:-5, 5:-5]
+    assert float(row["ssim_mask"]) == pytest.approx(full[5:-5, 5:-5].mean(-1)[inner].mean(), abs=1e-5)
+
+
+def test_known_mask_fill_repairs_and_old_csv_is_upgraded(tmp_path):
+    out = tmp_path / "known"
+    assert evaluate.main([*TINY, "--out", str(out), "--setting", "cracks-paint", "--known-mask", "--method", "fill",
+                          "--gt-crop", "128"]) == 0
+    rows = {(r["image"], r["method"]): r for r in read(out)}
+    for image in ("astronaut.png", "coffee.png"):  # classical inpainting with the true mask beats leaving the damage
+        assert float(rows[image, "fill"]["psnr_mask"]) > float(rows[image, "damaged"]["psnr_mask"]) + 3
+        assert float(rows[image, "fill"]["psnr"]) > float(rows[image, "damaged"]["psnr"])
+    assert json.loads((out / "run.json").read_text())["methods"]["fill"] == {"method": "fill", "mask": "known"}
+
+    # a results.csv from before the mask columns existed is read, upgraded, and its rows kept
+    old = tmp_path / "old"
+    old.mkdir()
+    lines = (out / "results.csv").read_text().splitlines()
+    (old / "results.csv").write_text("\n".join(",".join(line.split(",")[:-2]) for line in lines) + "\n")
+    (old / "run.json").write_bytes((out / "run.json").read_bytes())
+    assert evaluate.main([*TINY, "--out", str(old), "--setting", "cracks-paint", "--known-mask", "--method", "fill",
+                          "--gt-crop", "128"]) == 0
+    upgraded = read(old)
+    assert len(upgraded) == 4 and all(r["psnr_mask"] == "" for r in upgraded)
+    assert (old / "results.csv").read_text().splitlines()[0].endswith(",psnr_mask,ssim_mask")
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--setting", "cracks", "--method", "bicubic"], "bicubic is for restoration settings"),
+    (["--method", "fill"], "fill is for damage settings"),
+    (["--known-mask"], "--known-mask is for damage settings"),
+])
+def test_methods_must_fit_the_setting(tmp_path, capsys, argv, problem):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--gt", str(IMAGES), "--out", str(tmp_path), *argv])
+    assert problem in capsys.readouterr().err

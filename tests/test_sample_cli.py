@@ -184,3 +184,74 @@ def test_random_tiny_model_needs_no_files(capsys, images, tmp_path):
     assert code == 0
     info = pipeline.read_png_info(tmp_path / "c.png")
     assert info["weights"] == "random tiny (seed 0)" and info["settings"]["cfg"] == 2.0  # Lightning preset
+
+
+@pytest.fixture
+def cracked(tmp_path):
+    """The astronaut at 128 px with synthetic cracks and scratches (seed 0), and its clean original."""
+    from mini_supir import mask as masks
+    d = tmp_path / "cracked"
+    d.mkdir()
+    clean = torch.nn.functional.interpolate(masks.load_image(Path(__file__).parents[2] / "shared" / "images" /
+                                                             "astronaut.png")[None], size=(128, 128), mode="area")[0]
+    damaged, _ = masks.synthesize_damage(clean, 0, kinds=("cracks", "scratches"))
+    masks.save_image(damaged, d / "a.png")
+    masks.save_image(clean, d / "a_clean.png")
+    return d
+
+
+def test_repair_writes_result_mask_and_compare(capsys, weights, cracked, tmp_path):
+    out = tmp_path / "out"
+    code, err = run(capsys, weights, "--image", cracked / "a.png", "--out", out, "--repair", "--compare",
+                    "--clean", cracked / "a_clean.png")
+    assert code == 0 and not errors(err)
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "a_compare.png", "a_mask.png"]
+    damaged, result = (np.asarray(Image.open(p)).astype(int) for p in (cracked / "a.png", out / "a.png"))
+    hard = np.asarray(Image.open(out / "a_mask.png")) > 127
+    assert 0.005 < hard.mean() < 0.3  # the detector found the cracks (and not the whole photo)
+    from mini_supir import repair
+    soft = repair.soft_mask(torch.from_numpy(hard)).numpy()
+    assert np.array_equal(result[soft == 0], damaged[soft == 0])  # untouched pixels kept, byte for byte
+    assert np.abs(result[hard] - damaged[hard]).mean() > 5
+    compare = np.asarray(Image.open(out / "a_compare.png")).astype(int)
+    assert compare.shape == (128, 4 * 128, 3)  # damaged | mask | repaired | clean
+    assert np.array_equal(compare[:, :128], damaged) and np.array_equal(compare[:, 256:384], result)
+    assert np.array_equal(compare[:, 128:256, 0] > 127, hard)
+    assert np.array_equal(compare[:, 384:], np.asarray(Image.open(cracked / "a_clean.png")))
+    info = pipeline.read_png_info(out / "a.png")
+    assert info["repair"]["mask"] == "auto" and info["repair"]["mask_params"]["feather_sigma"] == 1.5
+    assert info["repair"]["damaged_fraction"] == pytest.approx(hard.mean(), abs=1e-6)
+
+    # the saved mask, given back with --mask (a file, or the folder holding <name>_mask.png), repairs the same
+    for spec in (out / "a_mask.png", out):
+        again = tmp_path / f"again_{spec.name}"
+        code, err = run(capsys, weights, "--image", cracked / "a.png", "--out", again, "--mask", spec)
+        assert code == 0 and not errors(err)
+        assert np.array_equal(np.asarray(Image.open(again / "a.png")), result)
+        assert pipeline.read_png_info(again / "a.png")["repair"]["mask"] == str(out / "a_mask.png")
+
+
+def test_mask_file_marks_what_is_repaired(capsys, weights, images, tmp_path):
+    painted = np.zeros((64, 64), np.uint8)
+    painted[20:30, 10:50] = 255
+    Image.fromarray(painted).save(tmp_path / "painted.png")
+    out = tmp_path / "out"
+    code, err = run(capsys, weights, "--image", images / "a.png", "--out", out, "--mask", tmp_path / "painted.png",
+                    "--mask-feather", "0")
+    assert code == 0 and not errors(err)
+    before, after = np.asarray(Image.open(images / "a.png")), np.asarray(Image.open(out / "a.png"))
+    changed = (before != after).any(-1)
+    assert changed[20:30, 10:50].mean() > 0.9 and not changed[painted == 0].any()  # no feathering: exactly the paint
+    assert np.array_equal(np.asarray(Image.open(out / "a_mask.png")), painted)
+
+
+def test_repair_option_errors(capsys, weights, images, tmp_path):
+    for argv, problem in ((["--repair", "--upscale", "2"], "input size"), (["--mask-radius", "3"], "needs --repair"),
+                          (["--mask-param", "colour=3", "--repair"], "NAME=VALUE")):
+        with pytest.raises(SystemExit) as e:
+            run(capsys, weights, "--image", images / "a.png", "--out", tmp_path, *argv)
+        assert e.value.code == 2 and problem in capsys.readouterr().err
+    code, err = run(capsys, weights, "--image", images / "a.png", "--out", tmp_path / "o",
+                    "--mask", tmp_path / "no.png")
+    assert code == 1 and errors(err)[0].startswith(f"error: {images / 'a.png'}: mask {tmp_path / 'no.png'}: ")
+    assert not (tmp_path / "o" / "a.png").exists()

@@ -152,3 +152,29 @@ def test_trains_from_weight_files(tmp_path):
                                  "--supir", tmp_path / "supir.safetensors")) == 0
     assert train.main(small_args(random, *args)) == 0
     assert losses(from_files) == losses(random)  # the files hold the seeded random model --model tiny builds
+
+
+def test_repair_task_trains_with_the_loss_weighted_to_the_mask(tmp_path):
+    from mini_supir import degrade, repair
+    from mini_supir.train_utils import DEGRADATIONS
+    hq = degrade.load_image(IMAGES / "coffee.png")[..., :128, :128]
+    lq, weight = DEGRADATIONS["cracks-paint"](hq, torch.Generator().manual_seed(0))
+    damaged, hole = degrade.damage(hq, "cracks-paint", generator=torch.Generator().manual_seed(0))
+    soft = repair.soft_mask(hole[0, 0])
+    assert hole.float().mean() > 0.01
+    torch.testing.assert_close(weight, 1 + 9 * soft[None, None])  # train_utils.MASK_WEIGHT = 9
+    filled = (soft >= repair.HOLE).expand_as(lq[0])
+    assert torch.equal(lq[0][~filled], damaged[0][~filled])  # the LQ is the damaged crop, prefilled as in repair
+    assert (lq[0][filled] - damaged[0][filled]).abs().mean() > 0.05
+
+    runs = {k: tmp_path / f"k{k}" for k in (0, 9)}
+    for k, out in runs.items():
+        extra = ("--preview-every", 2, "--preview-steps", 2) if k else ()
+        assert train.main(small_args(out, "--task", "repair", "--mask-weight", k, "--max-steps", 2, "--batch-size", 2,
+                                     *extra)) == 0
+    assert len(losses(runs[9])) == 2 and losses(runs[9])[0] > 1.5 * losses(runs[0])[0]  # same draws, heavier weight
+    assert sorted(p.name for p in (runs[9] / "previews").iterdir()) == ["step_000000.png", "step_000002.png"]
+    with safe_open(str(runs[9] / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_training_comment"] == "mini_supir train.py, repair (cracks-paint)"
+    with pytest.raises(SystemExit):
+        train.parse_args(small_args(tmp_path / "x", "--task", "repair", "--degradation", "sr4-blur2"))
