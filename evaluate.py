@@ -52,7 +52,7 @@ from mini_supir import mask as masks
 from mini_supir import pipeline, repair, supir
 from mini_supir.degrade import IMAGE_SUFFIXES, SETTINGS, Damage, damage, degrade, image_seed, load_image, modcrop, \
     quantize, save_image, to_uint8, upsample
-from mini_supir.metrics import LPIPS, _filter_valid, _gaussian_window, psnr, ssim
+from mini_supir.metrics import LPIPS, psnr, ssim, ssim_map
 
 # Columns before the mask metrics were added: such a results.csv is upgraded in place (empty mask cells).
 OLD_COLUMNS = ["image", "method", "setting", "height", "width", "psnr", "ssim", "psnr_y", "ssim_y", "lpips",
@@ -239,15 +239,10 @@ def masked_scores(out: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, crop:
         return {"psnr_mask": None, "ssim_mask": None}
     a, b = out.double(), gt.double()
     mse = (a - b)[0][:, m].square().mean()
-    taps = _gaussian_window(1.5)
-    r = len(taps) // 2
-    moments = _filter_valid(torch.cat([a, b, a * a, b * b, a * b], dim=1), taps)
-    mu_a, mu_b, aa, bb, ab = moments.chunk(5, dim=1)
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * (ab - mu_a * mu_b) + c2)) / \
-        ((mu_a ** 2 + mu_b ** 2 + c1) * (aa - mu_a ** 2 + bb - mu_b ** 2 + c2))
+    smap = ssim_map(a, b)
+    r = (m.shape[0] - smap.shape[2]) // 2
     inner = m[r:m.shape[0] - r, r:m.shape[1] - r]
-    ssim_mask = ssim_map.mean(1)[0][inner].mean().item() if bool(inner.any()) else None
+    ssim_mask = smap.mean(1)[0][inner].mean().item() if bool(inner.any()) else None
     return {"psnr_mask": (10.0 * torch.log10(1.0 / mse)).item(), "ssim_mask": ssim_mask}
 
 

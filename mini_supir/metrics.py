@@ -73,21 +73,24 @@ def _filter_valid(x: torch.Tensor, taps: list[float]) -> torch.Tensor:
     return x
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, crop_border: int = 0, y_channel: bool = False,
-         data_range: float = 1.0, sigma: float = 1.5) -> torch.Tensor:
-    """Mean structural similarity per image, shape (B,) (see the module docstring for the convention)."""
-    a, b = _prepare(a, b, crop_border, y_channel)
+def ssim_map(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, sigma: float = 1.5) -> torch.Tensor:
+    """Per-pixel SSIM (B,C,H-2r,W-2r) over the 'valid' region where the Gaussian window lies inside the image
+    (skimage filters with reflect padding, then crops (win_size - 1) / 2 on each side)."""
     taps = _gaussian_window(sigma)
     if min(a.shape[-2:]) < len(taps):
         raise ValueError(f"image {tuple(a.shape[-2:])} is smaller than the {len(taps)}x{len(taps)} SSIM window")
-    # skimage filters with reflect padding, then crops (win_size - 1) / 2 on each side: only the 'valid'
-    # region, where the window lies inside the image, is averaged.
     moments = _filter_valid(torch.cat([a, b, a * a, b * b, a * b], dim=1), taps)
     mu_a, mu_b, aa, bb, ab = moments.chunk(5, dim=1)
     var_a, var_b, cov = aa - mu_a ** 2, bb - mu_b ** 2, ab - mu_a * mu_b
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
-    return ssim_map.mean(dim=(2, 3)).mean(1)
+    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, crop_border: int = 0, y_channel: bool = False,
+         data_range: float = 1.0, sigma: float = 1.5) -> torch.Tensor:
+    """Mean structural similarity per image, shape (B,) (see the module docstring for the convention)."""
+    a, b = _prepare(a, b, crop_border, y_channel)
+    return ssim_map(a, b, data_range, sigma).mean(dim=(2, 3)).mean(1)
 
 
 # --------------------------------------------------------------------------------------------------
