@@ -2,9 +2,22 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 _skipped_parity: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    # Test models are tiny: a second intra-op thread only adds synchronisation, which costs seconds per
+    # forward when the CPU is shared with other jobs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pytest_runtest_logreport(report):

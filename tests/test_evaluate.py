@@ -24,14 +24,6 @@ TINY = ["--gt", str(IMAGES), "--limit", "2", "--gt-crop", "64", "--model", "tiny
 ARTEFACTS = ["results.csv", "summary.md", "bars.png", "gain.png", "grid.png", "run.json"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: per-op overhead dominates
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def style_lora(tmp_path_factory):
     """A LoRA for the tiny UNet's attention, large enough to change the result."""

@@ -31,16 +31,6 @@ def unet_inputs(seed=0):
             torch.randn(1, 4, TINY.context_dim, generator=g), torch.randn(1, TINY.adm_in_channels, generator=g))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are tiny: a second intra-op thread only adds synchronisation, which costs seconds per
-    # forward when the CPU is shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base_unet():
     torch.manual_seed(0)

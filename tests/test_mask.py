@@ -19,14 +19,6 @@ VISIBLE = 0.1   # luma-independent: largest per-channel change that counts as cl
 TOLERANCE = 2   # px
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: a second thread only adds synchronisation on a shared CPU
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def photos():
     return {name: load_image(IMAGES / name) for name in PHOTOS}

@@ -16,15 +16,6 @@ from mini_supir.pipeline import ImageError, RestoreError, RestoreSettings, Resto
 FAST = RestoreSettings(min_size=0, steps=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models are all per-op overhead: one thread is faster, and far faster on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def restorer():
     return Restorer.random(supir.TINY, seed=0, device="cpu")

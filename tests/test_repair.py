@@ -12,14 +12,6 @@ from mini_supir.pipeline import RestoreSettings, Restorer
 FAST = RestoreSettings(min_size=0, steps=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: per-op overhead dominates
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def restorer():
     return Restorer.random(supir.TINY, seed=0, device="cpu")

@@ -16,14 +16,6 @@ from mini_supir.pipeline import RestoreSettings  # noqa: E402
 SUPIR_PREFIXES = ("model.control_model.", "model.diffusion_model.project_modules.", "first_stage_model.denoise_encoder.")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: per-op overhead dominates (see test_pipeline.py)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """Tiny random SDXL + SUPIR files, a SUPIR file with a NaN, and a LoRA for the tiny UNet."""

@@ -22,14 +22,6 @@ IMAGES = ROOT.parent / "shared" / "images"
 PHOTOS = sorted(p for p in IMAGES.glob("*") if p.suffix in (".png", ".jpg"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation on a shared CPU
-    yield
-    torch.set_num_threads(n)
-
-
 def small_args(out, *extra, data=IMAGES):
     return ["--data", str(data), "--out", str(out), "--model", "tiny", "--resolution", "64", "--workers", "0",
             "--warmup-steps", "2", *map(str, extra)]
