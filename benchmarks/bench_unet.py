@@ -10,22 +10,23 @@ UNet2DConditionModel built from the same config and sharing our weights (renamed
 `mini_supir.lora.unet_diffusers_names`), the ratio ours / diffusers, and the max abs difference of the two
 outputs on the warm-up call. diffusers is optional (`pip install diffusers`); without it its columns read n/a.
 
-Peak memory is what the call needs above what was held before it (weights, inputs): on CUDA from
-torch.cuda.max_memory_allocated, on the CPU from the process's peak resident set (/proc/self/status VmHWM,
-reset before the call), so on the CPU it is approximate. Weights are random (PyTorch's default init): a
-trained checkpoint costs the same. Calls of ours and diffusers alternate, so background load hits both alike.
+Peak memory is what one call allocates above what was held before it (weights, inputs), measured on an
+extra untimed call: torch.cuda.max_memory_allocated on a GPU, on the CPU the peak of the live tensors the call
+creates (`TensorPeak`). Weights are random (PyTorch's default init): a trained checkpoint costs the same.
+Timed calls of ours and diffusers alternate, so background load hits both alike.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
-import re
 import statistics
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mini_supir.control import ControlledUNet  # noqa: E402
@@ -156,41 +157,61 @@ def to_diffusers(unet: UNet):
 # timing and memory
 
 
-class Meter:
-    """Wall time and peak memory (above the memory held at the start) of one call on `device`."""
+class TensorPeak(TorchDispatchMode):
+    """Peak bytes of the tensors an eager call creates and holds at once: on the CPU, where PyTorch keeps no
+    allocator statistics, the counterpart of torch.cuda.max_memory_allocated. Kernels' private scratch
+    memory is not seen; views and in-place results share their input's storage and cost nothing."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.libc = None  # CPU memory is measured only where Linux lets us reset the peak resident set
-        if device.type == "cpu":
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-                self.libc = ctypes.CDLL("libc.so.6")
-            except OSError:
-                pass
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
 
-    def _rss_mb(self, field: str) -> float:
-        return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+    def _free(self, key: int):
+        self.now -= self.live.pop(key)
 
-    def __call__(self, fn):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            held = torch.cuda.memory_allocated(self.device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            torch.cuda.synchronize(self.device)
-            return out, start.elapsed_time(end), (torch.cuda.max_memory_allocated(self.device) - held) / 2 ** 20
-        if self.libc is not None:
-            self.libc.malloc_trim(0)  # hand freed heap back so the resident set is what is live
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current VmRSS
-            held = self._rss_mb("VmRSS")
-        t0 = time.perf_counter()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in inputs or key in self.live or not storage.nbytes():
+                continue
+            self.live[key] = storage.nbytes()
+            self.now += storage.nbytes()
+            self.peak = max(self.peak, self.now)
+            weakref.finalize(storage, self._free, key)
+        return out
+
+
+def peak_mib(fn, device: torch.device) -> float:
+    """Peak memory of one call of `fn` above what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        held = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - held) / 2 ** 20
+    with TensorPeak() as counter:
+        fn()
+    return counter.peak / 2 ** 20
+
+
+def timed(fn, device: torch.device):
+    """`fn`'s result and its wall time in ms (CUDA events on a GPU: the kernels' time, not the launches')."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         out = fn()
-        ms = (time.perf_counter() - t0) * 1e3
-        return out, ms, (self._rss_mb("VmHWM") - held) if self.libc is not None else float("nan")
+        end.record()
+        torch.cuda.synchronize(device)
+        return out, start.elapsed_time(end)
+    t0 = time.perf_counter()
+    out = fn()
+    return out, (time.perf_counter() - t0) * 1e3
 
 
 def inputs(cfg: UNetConfig, batch: int, size: int, dtype: torch.dtype, device: torch.device, channels_last: bool):
@@ -220,15 +241,25 @@ def calls(kind: str, ours, theirs, a: dict):
     return ours_call, lambda: theirs(a["x"], a["timesteps"], a["context"], added_cond_kwargs=cond).sample
 
 
+def build(kind: str, cfg: UNetConfig, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """Our model with random weights, created (and initialised) in `dtype` on `device`: no float32 copy."""
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return (ControlledUNet(cfg) if kind == "unet+control" else UNet(cfg)).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
 def bench(args) -> list[dict]:
     cfg, device = PRESETS[args.preset], torch.device(args.device)
     rows = []
     for kind in args.models:
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
-            torch.manual_seed(0)
-            with torch.device(device):
-                model = (ControlledUNet(cfg) if kind == "unet+control" else UNet(cfg)).eval().to(dtype)
+            model = build(kind, cfg, dtype, device)
             if args.channels_last:
                 model = model.to(memory_format=torch.channels_last)
             theirs = to_diffusers(model) if kind == "unet" else None
@@ -236,32 +267,30 @@ def bench(args) -> list[dict]:
             ours_fn, theirs_fn = model, theirs
             if args.compile:
                 ours_fn, theirs_fn = torch.compile(model), theirs and torch.compile(theirs)
-            meter = Meter(device)
             for size in args.sizes:
                 for batch in args.batches:
                     a = inputs(cfg, batch, size, dtype, device, args.channels_last)
                     run_ours, run_theirs = calls(kind, ours_fn, theirs_fn, a)
                     with torch.inference_mode():
-                        out, warm_ms, _ = meter(run_ours)  # warm-up (compiles with --compile)
+                        out, warm_ms = timed(run_ours, device)  # warm-up (compiles with --compile)
                         diff = float("nan")
                         if run_theirs is not None:
                             diff = (out.float() - run_theirs().float()).abs().max().item()
                         del out
-                        ours_t, ours_m, theirs_t, theirs_m = [], [], [], []
+                        ours_t, theirs_t = [], []
                         for _ in range(args.repeats):
-                            _, ms, mb = meter(run_ours)
-                            ours_t.append(ms)
-                            ours_m.append(mb)
+                            ours_t.append(timed(run_ours, device)[1])
                             if run_theirs is not None:
-                                _, ms, mb = meter(run_theirs)
-                                theirs_t.append(ms)
-                                theirs_m.append(mb)
+                                theirs_t.append(timed(run_theirs, device)[1])
+                        # compiled CPU kernels allocate outside the dispatcher TensorPeak watches
+                        counted = not (args.compile and device.type == "cpu")
+                        mb = peak_mib(run_ours, device) if counted else None
+                        d_mb = peak_mib(run_theirs, device) if counted and run_theirs is not None else None
                     flops = unet_flops(cfg, batch, size, size, controlled=kind == "unet+control")
                     ms = statistics.median(ours_t)
                     rows.append(dict(model=kind, size=size, batch=batch, dtype=dtype_name, params=params, gflop=flops / 1e9,
-                                     ms=ms, mb=max(ours_m), tflops=flops / ms / 1e9, warm_ms=warm_ms,
-                                     d_ms=statistics.median(theirs_t) if theirs_t else None,
-                                     d_mb=max(theirs_m) if theirs_m else None, diff=diff))
+                                     ms=ms, mb=mb, tflops=flops / ms / 1e9, warm_ms=warm_ms,
+                                     d_ms=statistics.median(theirs_t) if theirs_t else None, d_mb=d_mb, diff=diff))
             del model, theirs, ours_fn, theirs_fn
     return rows
 
@@ -277,8 +306,8 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         ratio = r["ms"] / r["d_ms"] if r["d_ms"] else None
         print(f"| {r['model']} | {r['size']}x{r['size']} | {r['batch']} | {r['dtype']} | {r['gflop']:.2f} | {r['ms']:.1f} | "
-              f"{r['tflops']:.3f} | {fmt(r['mb'], '.0f')} | {r['warm_ms']:.0f} | "
-              f"{fmt(r['d_ms'], '.1f')} | {fmt(r['d_mb'], '.0f')} | "
+              f"{r['tflops']:.3f} | {fmt(r['mb'], '.1f')} | {r['warm_ms']:.0f} | "
+              f"{fmt(r['d_ms'], '.1f')} | {fmt(r['d_mb'], '.1f')} | "
               f"{fmt(ratio, '.2f')} | {fmt(r['diff'], '.2e')} |")
 
 

@@ -35,7 +35,10 @@ class ZeroSFT(nn.Module):
         if h_ori is not None:
             out = torch.cat([h_ori, out], dim=1)
         actv = self.mlp_shared(c)
-        out = self.param_free_norm(out) * (1 + self.zero_mul(actv)) + self.zero_add(actv)
+        # norm(h) * (1 + gamma) + beta, in place (autograd needs none of the overwritten values): these are
+        # the decoder's largest tensors, and rebinding `out` first frees the concatenation
+        out = self.param_free_norm(out)
+        out = out.mul_(self.zero_mul(actv).add_(1)).add_(self.zero_add(actv))
         if control_scale == 1:  # the blend below gives exactly `out` (for finite inputs): skip its copies
             return out
         h_raw = h if h_ori is None else torch.cat([h_ori, h], dim=1)

@@ -136,7 +136,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        return F.gelu(gate).mul_(value)  # in place: the widest activation of the UNet is not held twice
 
 
 class FeedForward(nn.Module):
@@ -318,7 +318,8 @@ class UNet(UNetEncoder):
         h = self.run(self.middle_block, h, emb, context)
         if control is None:
             for block in self.output_blocks:
-                h = self.run(block, torch.cat([h, hs.pop()], dim=1), emb, context)
+                h = torch.cat([h, hs.pop()], dim=1)  # rebound before the call, so the previous h is freed now
+                h = self.run(block, h, emb, context)
             return self.out(h)
 
         # SUPIR: connectors and control features are consumed from the end, middle block first; each output

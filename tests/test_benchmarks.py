@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_unet import diffusers_config, unet_flops  # noqa: E402
+from bench_unet import diffusers_config, peak_mib, unet_flops  # noqa: E402
 
 from mini_supir.control import ControlledUNet  # noqa: E402
 from mini_supir.unet import SDXL_BASE, TINY, UNet, UNetConfig  # noqa: E402
@@ -47,6 +47,15 @@ def test_forward_traces_as_one_graph():
     with torch.no_grad():  # scale 0.5 runs every line (at 1.0 ZeroSFT skips the blend)
         traced = torch.compile(model, backend="eager", fullgraph=True)(x, t, ctx, y, lq, 0.5)
         assert torch.equal(traced, model(x, t, ctx, y, lq, 0.5))
+
+
+def test_tensor_peak_counts_allocations_not_views():
+    def fn():
+        x = torch.ones(256, 1024)  # 1 MiB
+        y = x.t().contiguous().add_(1)  # a view (free), a copy (1 MiB), in place (free)
+        del x
+        return (y * 2).sum()  # 1 MiB while x is gone
+    assert peak_mib(fn, torch.device("cpu")) == pytest.approx(2, abs=1e-4)  # + the 4-byte sum
 
 
 def test_sdxl_flops():
