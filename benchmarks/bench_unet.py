@@ -201,7 +201,7 @@ def peak_mib(fn, device: torch.device) -> float:
 
 
 def timed(fn, device: torch.device):
-    """`fn`'s result and its wall time in ms (CUDA events on a GPU: the kernels' time, not the launches')."""
+    """`fn`'s result and its wall time in ms (between CUDA events on a GPU)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()

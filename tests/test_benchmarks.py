@@ -1,4 +1,5 @@
-"""benchmarks/bench_unet.py: the analytic FLOP count against torch's FlopCounterMode, and a CPU smoke run."""
+"""benchmarks/bench_unet.py: the analytic FLOP count against FlopCounterMode, the CPU memory meter, a CPU smoke
+run; and the models' forward tracing as one graph (no host syncs)."""
 import subprocess
 import sys
 from pathlib import Path
