@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
@@ -14,7 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
 import sample  # noqa: E402
-from mini_supir import lora, supir  # noqa: E402
 from mini_supir.degrade import degrade, image_seed, load_image, modcrop, quantize, upsample  # noqa: E402
 from mini_supir.metrics import psnr, ssim  # noqa: E402
 
@@ -22,19 +20,6 @@ IMAGES = ROOT.parent / "shared" / "images"
 TINY = ["--gt", str(IMAGES), "--limit", "2", "--gt-crop", "64", "--model", "tiny", "--steps", "2",
         "--min-size", "0", "--grid-crop", "48"]
 ARTEFACTS = ["results.csv", "summary.md", "bars.png", "gain.png", "grid.png", "run.json"]
-
-
-@pytest.fixture(scope="module")
-def style_lora(tmp_path_factory):
-    """A LoRA for the tiny UNet's attention, large enough to change the result."""
-    path = tmp_path_factory.mktemp("lora") / "style.safetensors"
-    model = supir.build(supir.TINY, "cpu")
-    lora.inject_lora(model.model.diffusion_model, "style", rank=4, targets=lora.ATTENTION)
-    with torch.no_grad():
-        for p in lora.lora_parameters(model.model.diffusion_model, "style"):
-            p.normal_(0, 0.5)
-    lora.save_lora(model, path, "style")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mini_supir import lora, pipeline, repair, sampler, supir
+from mini_supir import pipeline, repair, sampler, supir
 from mini_supir.pipeline import RestoreSettings, Restorer
 
 FAST = RestoreSettings(min_size=0, steps=3)
@@ -108,15 +108,8 @@ def test_tiled_repair_keeps_the_known_latent(restorer):
 
 
 @pytest.fixture(scope="module")
-def lora_restorer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("lora") / "style.safetensors"
-    model = supir.build(supir.TINY, "cpu")
-    lora.inject_lora(model.model.diffusion_model, "style", rank=4, targets=lora.ATTENTION)
-    with torch.no_grad():
-        for p in lora.lora_parameters(model.model.diffusion_model, "style"):
-            p.normal_(0, 0.5)
-    lora.save_lora(model, path, "style")
-    return Restorer.random(supir.TINY, seed=0, loras=((path, 1.0),), device="cpu")
+def lora_restorer(style_lora):
+    return Restorer.random(supir.TINY, seed=0, loras=((style_lora, 1.0),), device="cpu")
 
 
 @pytest.mark.parametrize("variant", ["edm", "dpmpp2m", "no-control", "lora", "tiled", "grey", "rgba", "min-size"])
