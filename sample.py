@@ -6,6 +6,8 @@
     python sample.py --model tiny --image photo.jpg --min-size 128 --steps 4   # smoke test, random weights
     python sample.py --image cracked.jpg --repair --compare           # repair cracks / scratches (auto mask)
     python sample.py --image cracked.jpg --mask painted.png           # repair where the mask is white
+    python sample.py --image photo.jpg --stage1-only                  # Real-ESRGAN x4plus alone, 4x, offline
+    python sample.py --image photo.jpg --stage1 realesrgan-x4plus     # Real-ESRGAN first, then SUPIR (DiffBIR)
 
 Each result is a PNG holding every setting in its metadata (pipeline.read_png_info). Under torchrun each
 rank restores its share of the sorted image list. See README "Restore a photo" for every option.
@@ -26,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mini_supir import mask as masks
-from mini_supir import pipeline, repair, supir
+from mini_supir import images, pipeline, repair, stage1, supir
 from mini_supir.pipeline import ImageError, RestoreError, RestoreSettings, Restorer
 from mini_supir.weights import CheckpointError, resolve
 
@@ -94,7 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     io.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist")
     io.add_argument("--compare", action="store_true", help="also write <name>_compare.png: input | result "
                     "(repair: damaged | mask | result), then --clean if given")
-    io.add_argument("--upscale", type=float, help="result size = input size x upscale (default: 1)")
+    io.add_argument("--upscale", type=float, help="result size = input size x upscale (default: 1; with "
+                    "--stage1-only the network's own scale)")
     io.add_argument("--min-size", type=int, help="work at least at this short side, px (default: 1024)")
 
     m = p.add_argument_group("model")
@@ -111,6 +114,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="VAE (auto: bf16 on CUDA, else fp32; fp16 is refused: it overflows)")
     m.add_argument("--device", default="auto", help="auto (default: cuda, mps, cpu), cuda, cuda:1, mps or cpu")
     m.add_argument("--offload", action="store_true", help="move each part to the GPU only while it runs")
+
+    st = p.add_argument_group("stage 1: a pixel-space restorer first (DiffBIR's two stages; Real-ESRGAN family)")
+    st.add_argument("--stage1", metavar="NAME|FILE",
+                    help=f"run this network on the input first, then SUPIR on its result: {', '.join(stage1.REGISTRY)}, "
+                         "an official .pth or an ncnn .param (default: none, SUPIR's denoise encoder alone)")
+    st.add_argument("--stage1-only", action="store_true",
+                    help="the stage-1 result is the output: seconds, no SDXL / SUPIR weights (default network: "
+                         "realesrgan-x4plus)")
+    st.add_argument("--stage1-tile", type=int, default=512, metavar="PX",
+                    help="stage 1 in overlapping tiles of this many input px (default: 512; 0 = whole image)")
+    st.add_argument("--stage1-tile-pad", type=int, default=16, metavar="PX",
+                    help="context around each stage-1 tile, px (default: 16)")
 
     s = p.add_argument_group("sampling")
     mode = s.add_mutually_exclusive_group()
@@ -161,7 +176,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--tile-size", type=int, help="sample in overlapping tiles of this many px (SUPIR: 1024)")
     t.add_argument("--tile-stride", type=int, help="tile stride, px (default: tile size / 2)")
     args = p.parse_args(argv)
+    if args.stage1_only:
+        args.stage1 = args.stage1 or "realesrgan-x4plus"
+        supir_only = [d for d in [*OVERRIDES, "mode", "sdxl", "supir", "lora", "prompt", "repair", "mask"]
+                      if d != "upscale" and getattr(args, d) not in (None, False, [], "")]
+        if supir_only:
+            option = {"mode": "quality / --fidelity"}.get(supir_only[0], supir_only[0].replace("_", "-"))
+            p.error(f"--{option} is a SUPIR option: it has no effect with --stage1-only")
     args.mode = args.mode or "quality"
+    if args.stage1_tile < 0 or args.stage1_tile_pad < 0:
+        p.error("--stage1-tile and --stage1-tile-pad must be >= 0")
     args.repairing = args.repair or args.mask is not None
     detector = [o for o, _, _ in MASK_OPTIONS[:-1] if getattr(args, o[2:].replace("-", "_")) is not None]
     if (detector or args.mask_param) and not args.repair:
@@ -295,6 +319,50 @@ def build_restorer(args: argparse.Namespace, device: str) -> tuple[Restorer, dic
                       "vae_dtype": str(restorer.vae_dtype).removeprefix("torch.")}
 
 
+def build_upscaler(args: argparse.Namespace, device: str) -> tuple[stage1.Upscaler, dict]:
+    """The --stage1 network, and what the PNG metadata records of it; raises WeightsError."""
+    try:
+        up = stage1.Upscaler.load(args.stage1, device=device, dtype=args.dtype, tile=args.stage1_tile,
+                                  tile_pad=args.stage1_tile_pad)
+    except (CheckpointError, ValueError, OSError) as e:
+        raise WeightsError(args.stage1, one_line(e)) from None
+    return up, {"stage1": {"model": args.stage1, "file": str(up.file), "scale": up.scale, "tile": up.tile,
+                           "tile_pad": up.tile_pad, "dtype": str(up.dtype).removeprefix("torch.")}}
+
+
+def upscale_only(up: stage1.Upscaler, f: Path, path: Path, args: argparse.Namespace, info: dict) -> list[Path]:
+    """--stage1-only: the network's result at --upscale (default its own scale), as Real-ESRGAN's inference."""
+    upscale = args.upscale or up.scale
+    image = images.open_image(f, up.check_size)
+    size = (max(1, round(image.width * upscale)), max(1, round(image.height * upscale)))
+    if size[0] * size[1] > images.MAX_INPUT_PIXELS:
+        raise ImageError(f"the result would be {size[0]}x{size[1]}: more than {images.MAX_INPUT_PIXELS / 1e6:.0f} MP")
+    with tqdm(desc=f.name, unit="tile", leave=False, disable=None) as bar:
+        def on_tile(i, n):
+            bar.total = n
+            bar.update(1)
+        result = up.upscale_image(image, size, on_tile)
+    info = {**info, "upscale": upscale, "source": str(f)}
+    images.save_png(result, path, info)
+    if not args.compare:
+        return [path]
+    images.save_png(side_by_side([image, result], result.size), path.with_name(f"{path.stem}_compare.png"), info)
+    return [path, path.with_name(f"{path.stem}_compare.png")]
+
+
+def upscale_all(up: stage1.Upscaler, todo: list[Path], names: dict[Path, str], out: Path,
+                args: argparse.Namespace, info: dict, failed: int) -> int:
+    for f in tqdm(todo, desc="images", unit="img", disable=None):
+        t0 = time.time()
+        try:
+            paths = upscale_only(up, f, out / f"{names[f]}.png", args, info)
+            tqdm.write(f"wrote {', '.join(str(p) for p in paths)} ({time.time() - t0:.1f} s)", file=sys.stderr)
+        except (ImageError, OSError) as e:
+            fail(f, one_line(e))
+            failed += 1
+    return 1 if failed else 0
+
+
 def fail(what, problem) -> None:
     tqdm.write(f"error: {what}: {problem}", file=sys.stderr)
 
@@ -354,10 +422,15 @@ def main(argv=None) -> int:
         return 1 if failed else 0
 
     try:
+        up, stage1_info = build_upscaler(args, device) if args.stage1 else (None, {})
+        if args.stage1_only:
+            return upscale_all(up, todo, names, out, args, stage1_info, failed)
         restorer, model_info = build_restorer(args, device)
     except WeightsError as e:  # missing / wrong weights, bad LoRA: nothing can run
         fail(*e.args)
         return 1
+    restorer.pixel_restorer = up
+    model_info.update(stage1_info)
     restorer.encode_prompts([replace(settings, prompt=p).positive_text for p, _ in prompts.values()] + [settings.negative])
     restorer.free_text_encoders()
 

@@ -17,10 +17,6 @@ function of (image, settings, seed, weights) and the same on any device (up to i
 """
 from __future__ import annotations
 
-import json
-import os
-import struct
-import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -28,30 +24,27 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
-from PIL.PngImagePlugin import PngInfo
+from PIL import Image
 
 from . import colorfix, repair, supir
+from .devices import DTYPES, parse_dtype, pick_device
+from .images import (GREY_MODES, MAX_INPUT_PIXELS, ImageError, read_png_info, save_png,  # noqa: F401 (re-exported)
+                     split_alpha)
+from .images import open_image as _open_image
 from .sampler import Denoiser, sample_lightning, sample_restore_dpmpp2m, sample_restore_edm
+from .stage1 import Upscaler
 from .text import DEFAULT_NEGATIVE, DEFAULT_POSITIVE
 
 SAMPLERS = ("edm", "dpmpp2m", "lightning")
 COLOR_FIXES = ("wavelet", "adain", "none")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Untiled memory grows with the pixel count as processed (the VAE decoder alone holds several full-size
 # 128-channel maps); SUPIR's demo works at 1-2 MP. Above this we ask for tiled VAE and tiled sampling.
 UNTILED_MAX_PIXELS = 2048 * 2048
-# Largest image file we decode at all (PIL's decompression-bomb guard is set to the same).
-MAX_INPUT_PIXELS = 2 ** 29  # about 23000 x 23000
 
 
 class RestoreError(RuntimeError):
     """A restoration that cannot be done or went wrong (one line, for the CLI)."""
-
-
-class ImageError(ValueError):
-    """An input image we refuse: unreadable, truncated, or too large (one line, for the CLI)."""
 
 
 @dataclass(frozen=True)
@@ -178,43 +171,9 @@ def check_size(width: int, height: int, settings: RestoreSettings) -> None:
                          f"{UNTILED_MAX_PIXELS / 1e6:.1f} MP this needs tiling (--tile-vae and --tile-size 1024)")
 
 
-_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
-
-
 def open_image(path: str | Path, settings: RestoreSettings = QUALITY) -> Image.Image:
-    """Open, size-check from the header, decode fully, and apply the EXIF orientation."""
-    path = Path(path)
-    if not path.exists():
-        raise ImageError("no such file")
-    if path.is_dir():
-        raise ImageError("is a directory")
-    limit = Image.MAX_IMAGE_PIXELS
-    try:
-        with warnings.catch_warnings():
-            # PIL's decompression-bomb guard at our limit; check_size below gives the clearer message
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
-            im = Image.open(path)  # reads the header only
-    except Image.DecompressionBombError as e:
-        raise ImageError(str(e)) from None
-    except (Image.UnidentifiedImageError, OSError) as e:
-        raise ImageError(f"not an image ({type(e).__name__})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-    with im:
-        w, h = im.size
-        try:
-            orientation = im.getexif().get(0x0112)
-        except Exception:  # noqa: BLE001 — broken metadata is common; a broken image fails in load() below
-            orientation = None
-        if orientation in _TRANSPOSED:
-            w, h = h, w
-        check_size(w, h, settings)
-        try:
-            im.load()
-        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:  # PIL raises any of them for broken data
-            raise ImageError(f"cannot decode: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        return ImageOps.exif_transpose(im)
+    """Open an image, refusing from its header one too large for these settings (see images.open_image)."""
+    return _open_image(path, lambda w, h: check_size(w, h, settings))
 
 
 @dataclass
@@ -225,31 +184,14 @@ class Prepared:
     grey: bool                     # greyscale input: greyscale result
 
 
-_GREY = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
-
-
-def _rgb8(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
-    """(8-bit RGB over white, the alpha channel or None)."""
-    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        a = np.asarray(image, dtype=np.float64)
-        # 16-bit greyscale (PNG loads it as I / I;16); float images are taken to be in [0, 1]
-        a = a * 255.0 if image.mode == "F" else a / 257.0
-        image = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if "A" in image.getbands() or "a" in image.getbands():
-        rgba = image.convert("RGBA")
-        alpha = rgba.getchannel("A")
-        white = Image.new("RGB", rgba.size, (255, 255, 255))
-        white.paste(rgba.convert("RGB"), mask=alpha)  # SUPIR's HWC3 composites over white
-        return white, alpha
-    return image.convert("RGB"), None
-
-
-def prepare(image: Image.Image, settings: RestoreSettings) -> Prepared:
-    grey = image.mode in _GREY
-    rgb, alpha = _rgb8(image)
+def prepare(image: Image.Image, settings: RestoreSettings, pixel_restorer: Upscaler | None = None) -> Prepared:
+    """The LQ tensor at the processing size. With a pixel restorer (DiffBIR's two stages), the image goes
+    through it at its own resolution first and its result is resized to the processing size instead."""
+    grey = image.mode in GREY_MODES
+    rgb, alpha = split_alpha(image)
     (w, h), out = processing_size(*rgb.size, settings.upscale, settings.min_size)
+    if pixel_restorer is not None:
+        rgb = pixel_restorer.upscale_image(rgb)
     if (w, h) != rgb.size:
         rgb = rgb.resize((w, h), Image.LANCZOS)
     lq = torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1.0
@@ -278,59 +220,17 @@ def _like_input(image: Image.Image, prepared: Prepared) -> Image.Image:
     return image
 
 
-METADATA_KEY = "mini_supir"  # PNG tEXt chunk holding the JSON of every setting that made the image
-
-
-def save_png(image: Image.Image, path: str | Path, info: dict) -> None:
-    """Write atomically (temp file in the same folder, then os.replace): a crash never leaves half a PNG."""
-    path = Path(path)
-    meta = PngInfo()
-    meta.add_text(METADATA_KEY, json.dumps(info, sort_keys=True))
-    meta.add_text("Software", "mini_supir")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG", pnginfo=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def read_png_info(path: str | Path) -> dict:
-    """The JSON `save_png` stored (settings under "settings": `RestoreSettings.from_dict` rebuilds them)."""
-    with Image.open(path) as im:
-        return json.loads(im.text[METADATA_KEY])
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Devices and precision
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    if device not in (None, "auto"):
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def pick_dtypes(device: torch.device, dtype: str | torch.dtype | None = None,
                 vae_dtype: str | torch.dtype | None = None) -> tuple[torch.dtype, torch.dtype]:
     """(diffusion + text dtype, VAE dtype). Defaults as SUPIR: fp16 UNet and bf16 VAE on CUDA; fp32 on CPU
     (half-precision matmuls are slow there) and fp32 VAE on MPS."""
-    def parse(d, default):
-        if d in (None, "auto"):
-            return default
-        if isinstance(d, torch.dtype):
-            return d
-        if d not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or auto, not {d!r}")
-        return DTYPES[d]
-
     gpu = device.type in ("cuda", "mps")
-    unet = parse(dtype, torch.float16 if gpu else torch.float32)
-    vae = parse(vae_dtype, torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32)
+    unet = parse_dtype(dtype, torch.float16 if gpu else torch.float32)
+    vae = parse_dtype(vae_dtype, torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32)
     if vae == torch.float16:
         raise ValueError("the SDXL VAE overflows to NaN in fp16: use --vae-dtype bf16 or fp32")
     return unet, vae
@@ -356,8 +256,9 @@ class Restorer:
 
     def __init__(self, model: supir.SUPIR, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, vae_dtype: str | torch.dtype | None = None,
-                 offload: bool = False):
+                 offload: bool = False, pixel_restorer: Upscaler | None = None):
         self.device = pick_device(device)
+        self.pixel_restorer = pixel_restorer  # DiffBIR's stage 1, run before SUPIR's own (stage1.py)
         self.dtype, self.vae_dtype = pick_dtypes(self.device, dtype, vae_dtype)
         self.offload = offload and self.device.type != "cpu"
         self.model = model.eval().requires_grad_(False)
@@ -546,11 +447,11 @@ class Restorer:
         mask: repair instead: a damage weight (H, W) in [0, 1] (or bool) at the image's size, 1 where pixels
         are regenerated; pixels where it is 0 come back byte-identical (upscale must be 1)."""
         check_size(*image.size, settings)
-        prepared = prepare(image, settings)
+        prepared = prepare(image, settings, self.pixel_restorer)
         known = None
         if mask is not None:
             prepared, known = self.prepare_repair(prepared, mask, settings)
-            original = _like_input(_rgb8(image)[0], prepared)
+            original = _like_input(split_alpha(image)[0], prepared)
         st1 = self.stage1(prepared.lq, settings)
         results = []
         for k in range(settings.num_samples):

@@ -77,10 +77,11 @@ def resolve(spec: str | os.PathLike) -> Path:
                               f"download it by hand and put it at {local}, or pass its path") from None
 
 
-def read_state_dict(path: str | os.PathLike, dtype: torch.dtype | dict[str, torch.dtype] | None = None
-                    ) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, dtype: torch.dtype | dict[str, torch.dtype] | None = None,
+                    containers: tuple[str, ...] = ("state_dict",)) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file or a (weights-only) pickle, cast tensor by tensor as they are read
-    (`dtype` may map key prefixes to dtypes; the longest matching prefix wins)."""
+    (`dtype` may map key prefixes to dtypes; the longest matching prefix wins). A pickle's state dict may sit
+    under the first of `containers` it has (Lightning's "state_dict", BasicSR's "params_ema" / "params")."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no such checkpoint file: {path}")
@@ -97,7 +98,8 @@ def read_state_dict(path: str | os.PathLike, dtype: torch.dtype | dict[str, torc
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
             raise CheckpointError(f"{path.name} is not a readable weights-only checkpoint: {str(e).splitlines()[0]}") from None
-        obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+        if isinstance(obj, dict):
+            obj = next((obj[k] for k in containers if isinstance(obj.get(k), dict)), obj)
         if not isinstance(obj, dict):
             raise CheckpointError(f"{path.name} holds no state dict")
         sd = {k: _cast(v, _dtype_for(k, dtype)) for k, v in obj.items() if isinstance(v, torch.Tensor)}
