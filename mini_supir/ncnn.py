@@ -47,7 +47,7 @@ class Layer:
 
 
 def read_param(path: str | Path) -> list[Layer]:
-    lines = Path(path).read_text().split("\n")
+    lines = Path(path).read_bytes().decode("utf-8", errors="replace").split("\n")
     if not lines or lines[0].strip() != "7767517":
         raise NcnnError(f"{Path(path).name} is not an ncnn .param file (magic 7767517 missing)")
     layers = []
@@ -212,10 +212,11 @@ def load(param: str | Path, bin: str | Path) -> tuple[RRDBConfig | SRVGGConfig, 
     for p in (param, bin):
         if not p.is_file():
             raise NcnnError(f"no such file: {p}")
-    cfg, scale = recognise(read_param(param))
+    layers = read_param(param)
+    cfg, scale = recognise(layers)
     reader = _Reader(bin.read_bytes(), bin.name)
     tensors = []
-    for layer in read_param(param):
+    for layer in layers:
         if layer.type == "Convolution":
             cout, size = layer.int(0), layer.int(6)
             tensors.append(reader.tagged(size).reshape(cout, size // (cout * 9), 3, 3))
