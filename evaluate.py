@@ -4,11 +4,13 @@
     python evaluate.py --gt photos/ --out eval/ --method supir supir+lora --lora style.safetensors:0.8
     python evaluate.py --gt photos/ --out /tmp/ev --model tiny --steps 2 --min-size 0 --limit 2   # smoke test
     python evaluate.py --gt photos/ --out eval-cracks/ --setting cracks    # repair: damaged, fill, SUPIR repair
+    python evaluate.py --gt photos/ --out eval-sr/ --method realesrgan-x4plus realesr-general-x4v3   # stage 1
+    python evaluate.py --gt photos/ --out eval-2s/ --method realesrgan-x4plus+supir   # stage 1, then SUPIR
 
 Each image is degraded with `--setting`, seeded from `--seed` and its file name (degrade.image_seed). Then
 every method restores it, and the result is compared with the ground truth. Written to --out:
 
-    results.csv         one row per (image, method): PSNR / SSIM on RGB and on Y, LPIPS, seconds, peak memory;
+    results.csv         one row per (image, method): PSNR / SSIM on RGB and on Y, LPIPS, NIQE, seconds, peak memory;
                         damage settings also PSNR / SSIM inside the damage mask
     summary.md          mean ± std over the images, per method
     bars.png            the means as bar charts
@@ -49,16 +51,18 @@ from tqdm import tqdm
 
 import sample
 from mini_supir import mask as masks
-from mini_supir import pipeline, repair, supir
+from mini_supir import pipeline, repair, stage1, supir
 from mini_supir.degrade import IMAGE_SUFFIXES, SETTINGS, Damage, damage, degrade, image_seed, load_image, modcrop, \
     quantize, save_image, to_uint8, upsample
 from mini_supir.metrics import LPIPS, psnr, ssim, ssim_map
+from mini_supir.niqe import niqe
 
-# Columns before the mask metrics were added: such a results.csv is upgraded in place (empty mask cells).
 OLD_COLUMNS = ["image", "method", "setting", "height", "width", "psnr", "ssim", "psnr_y", "ssim_y", "lpips",
                "seconds", "peak_mem_mib", "mem_kind"]
-COLUMNS = OLD_COLUMNS + ["psnr_mask", "ssim_mask"]
-METRICS = ["psnr", "ssim", "psnr_y", "ssim_y", "lpips", "psnr_mask", "ssim_mask"]
+# Older results.csv layouts (before the mask metrics, before NIQE) are upgraded in place (empty cells).
+OLDER_COLUMNS = (OLD_COLUMNS, OLD_COLUMNS + ["psnr_mask", "ssim_mask"])
+COLUMNS = OLD_COLUMNS + ["psnr_mask", "ssim_mask", "niqe"]
+METRICS = ["psnr", "ssim", "psnr_y", "ssim_y", "lpips", "niqe", "psnr_mask", "ssim_mask"]
 BASELINE = "bicubic"           # restoration settings: where every restorer starts
 REPAIR_BASELINE = "damaged"    # damage settings: the damaged input, unrepaired
 REPAIR_METHODS = [REPAIR_BASELINE, "fill", "supir", "supir+lora"]
@@ -141,6 +145,27 @@ class SUPIRMethod:
         return pil_to_tensor(out)
 
 
+class Stage1Method:
+    """A pixel restorer alone (stage1.Upscaler), its output resized to the GT size as --stage1-only does."""
+
+    def __init__(self, name: str, device: str):
+        self.name, self.device_name, self.upscaler = name, device, None
+
+    @property
+    def device(self) -> torch.device:
+        return self.upscaler.device
+
+    def open(self) -> None:
+        self.upscaler = sample.build_upscaler(argparse.Namespace(stage1=self.name, dtype="auto", stage1_tile=512,
+                                                                 stage1_tile_pad=16), self.device_name)[0]
+
+    def close(self) -> None:
+        self.upscaler = None
+
+    def __call__(self, lq: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return pil_to_tensor(self.upscaler.upscale_image(Image.fromarray(to_uint8(lq)[0]), (size[1], size[0])))
+
+
 def build_methods(args: argparse.Namespace) -> tuple[dict[str, Method], dict[str, dict]]:
     """({name: method}, {name: what it is, for run.json}) for --method / --lora."""
     settings = pipeline.preset(args.mode, args.sampler)
@@ -159,17 +184,30 @@ def build_methods(args: argparse.Namespace) -> tuple[dict[str, Method], dict[str
         if name == "fill":
             methods[name], configs[name] = Fill(args.known_mask), {"method": "fill", **mask}
             continue
-        variants = [(name, [])] if name == "supir" else [(lora_method_name(p, s), [(p, s)]) for p, s in args.lora]
+        if name in stage1.REGISTRY:
+            methods[name], configs[name] = Stage1Method(name, args.device), {"method": "stage1", "model": name}
+            continue
+        first = name.removesuffix("+supir") if name.endswith("+supir") else None
+        variants = [(name, [])] if name in ("supir", f"{first}+supir") else \
+            [(lora_method_name(p, s), [(p, s)]) for p, s in args.lora]
         for method_name, loras in variants:
             restorer_args = argparse.Namespace(model=args.model, sdxl=args.sdxl, supir=args.supir, lora=loras,
                                                dtype=args.dtype, vae_dtype=args.vae_dtype, offload=args.offload,
-                                               mode=args.mode)
-            methods[method_name] = SUPIRMethod(lambda a=restorer_args: sample.build_restorer(a, args.device)[0],
+                                               mode=args.mode, stage1=first, stage1_tile=512, stage1_tile_pad=16)
+            methods[method_name] = SUPIRMethod(lambda a=restorer_args: two_stage_restorer(a, args.device),
                                                settings, args.seed, args.known_mask)
             configs[method_name] = {"method": "supir", "model": args.model, "sdxl": args.sdxl, "supir": args.supir,
-                                    "mode": args.mode, "loras": [[str(p), s] for p, s in loras],
+                                    "mode": args.mode, "loras": [[str(p), s] for p, s in loras], "stage1": first,
                                     "settings": settings.to_dict(), "seed": args.seed, **mask}
     return methods, configs
+
+
+def two_stage_restorer(args: argparse.Namespace, device: str) -> pipeline.Restorer:
+    """SUPIR, with the --stage1 network in front of it where one is named."""
+    restorer = sample.build_restorer(args, device)[0]
+    if args.stage1:
+        restorer.pixel_restorer = sample.build_upscaler(args, device)[0]
+    return restorer
 
 
 def lora_method_name(path: str, scale: float) -> str:
@@ -250,7 +288,10 @@ def scores(out: torch.Tensor, gt: torch.Tensor, crop: int, lpips: LPIPS | None,
            mask: torch.Tensor | None = None) -> dict[str, float | None]:
     row = {"psnr": psnr(out, gt, crop).item(), "ssim": ssim(out, gt, crop).item(),
            "psnr_y": psnr(out, gt, crop, y_channel=True).item(), "ssim_y": ssim(out, gt, crop, y_channel=True).item(),
-           "lpips": None, "psnr_mask": None, "ssim_mask": None}
+           "lpips": None, "niqe": None, "psnr_mask": None, "ssim_mask": None}
+    inner = out[..., crop:-crop, crop:-crop] if crop else out
+    if min(inner.shape[-2:]) >= 96:  # NIQE scores 96x96 blocks: smaller images have none
+        row["niqe"] = niqe(to_uint8(inner)[0])
     if mask is not None:
         row.update(masked_scores(out, gt, mask, crop))
     if lpips is not None:
@@ -287,7 +328,7 @@ def read_results(path: Path) -> list[dict[str, str]]:
         return []
     text = path.read_text(encoding="utf-8")
     reader = csv.DictReader(text.splitlines())
-    if reader.fieldnames not in (COLUMNS, OLD_COLUMNS):
+    if reader.fieldnames not in (COLUMNS, *OLDER_COLUMNS):
         raise ValueError(f"{path} has columns {reader.fieldnames}, expected {COLUMNS}: use another --out")
     rows = [{c: r.get(c, "") for c in COLUMNS} for r in reader if None not in r.values() and None not in r]
     if reader.fieldnames != COLUMNS or not text.endswith("\n") or len(rows) != len(text.splitlines()) - 1:
@@ -377,7 +418,7 @@ def markdown(summary: dict[str, dict], args: argparse.Namespace, n_images: int) 
                f"repairs used the {'known' if args.known_mask else 'automatic'} mask). " if masked else "")
             + f"Peak memory: the largest over the images ({kinds}).")
     cols = [("PSNR (dB)", "psnr", 2), ("SSIM", "ssim", 4), ("PSNR-Y (dB)", "psnr_y", 2), ("SSIM-Y", "ssim_y", 4),
-            ("LPIPS", "lpips", 4)] \
+            ("LPIPS", "lpips", 4), ("NIQE", "niqe", 3)] \
         + ([("PSNR-mask (dB)", "psnr_mask", 2), ("SSIM-mask", "ssim_mask", 4)] if masked else []) \
         + [("gain (dB)", "gain", 2), ("s / image", "seconds", 3)]
     lines = [head, "", "| method | " + " | ".join(c for c, _, _ in cols) + " | peak MiB |",
@@ -484,6 +525,7 @@ def bar_chart(summary: dict[str, dict], path: Path, title: str, y_channel: bool)
     panels = [(f"psnr{y}", f"PSNR{'-Y' if y else ''} (higher is better)", "dB", 2),
               (f"ssim{y}", f"SSIM{'-Y' if y else ''} (higher is better)", "SSIM", 3),
               ("lpips", "LPIPS (lower is better)", "LPIPS", 3),
+              ("niqe", "NIQE (lower is better)", "NIQE", 2),
               ("psnr_mask", "PSNR in the damage mask", "dB", 2),
               ("seconds", "time per image", "seconds", 2)]
     panels = [p for p in panels if any(s[p[0]] for s in summary.values())]
@@ -599,9 +641,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gt", type=Path, required=True, help="folder of ground-truth images")
     p.add_argument("--out", type=Path, required=True, help="output folder (created; an existing one is resumed)")
     p.add_argument("--setting", default="sr4-blur2", choices=sorted(SETTINGS), help="degradation (default: sr4-blur2)")
-    p.add_argument("--method", nargs="+", choices=[BASELINE, "supir", "supir+lora", REPAIR_BASELINE, "fill"],
+    p.add_argument("--method", nargs="+", metavar="METHOD",
+                   choices=[BASELINE, "supir", "supir+lora", REPAIR_BASELINE, "fill", *stage1.REGISTRY,
+                            *(f"{n}+supir" for n in stage1.REGISTRY)],
                    help="methods (default: bicubic supir; damage settings: damaged fill supir); supir+lora: one "
-                        "method per --lora; damaged, fill: damage settings only")
+                        "method per --lora; damaged, fill: damage settings only; a stage-1 network "
+                        f"({', '.join(stage1.REGISTRY)}) alone, or NAME+supir: it, then SUPIR")
     p.add_argument("--known-mask", action="store_true",
                    help="damage settings: repair with the synthetic damage's own mask instead of the automatic one")
     p.add_argument("--lora", action="append", default=[], type=sample.lora_spec, metavar="FILE[:SCALE]",

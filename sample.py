@@ -10,7 +10,7 @@
     python sample.py --image photo.jpg --stage1 realesrgan-x4plus     # Real-ESRGAN first, then SUPIR (DiffBIR)
 
 Each result is a PNG holding every setting in its metadata (pipeline.read_png_info). Under torchrun each
-rank restores its share of the sorted image list. See README "Restore a photo" for every option.
+rank restores its share of the sorted image list. See docs/restore.md for every option.
 """
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--num-samples", type=int, help="results per image (default: 1)")
     s.add_argument("--color-fix", choices=pipeline.COLOR_FIXES, help="colours from the stage-1 image (default: wavelet)")
 
-    r = p.add_argument_group("repair (cracks, scratches, missing paint; README 'Repair a damaged photo')")
+    r = p.add_argument_group("repair (cracks, scratches, missing paint; docs/repair.md)")
     which = r.add_mutually_exclusive_group()
     which.add_argument("--repair", action="store_true",
                        help="regenerate only the damage found by the automatic detector (mask.py); every other "

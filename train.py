@@ -20,7 +20,7 @@ pixels prefilled as the repair pipeline does, and the loss is weighted 1 + --mas
 
 Only the UNet's LoRA adapters train; the UNet, control model, VAE and text encoders stay frozen. Everything a
 run writes goes to --out: train_log.csv, loss_curve.png, previews/, checkpoint.pt (--resume continues it
-bit for bit) and, at the end, lora.safetensors in kohya's format. See README "Train a LoRA".
+bit for bit) and, at the end, lora.safetensors in kohya's format. See docs/training.md.
 
 Data set, order, objective and file helpers live in mini_supir/train_utils.py; this file is the run itself.
 """

@@ -194,3 +194,18 @@ def test_stage1_bad_input(tmp_path, argv, code, message):
     got, err = cli(*image, "--stage1-only", "--out", tmp_path / "out", *argv, env={"MINI_SUPIR_OFFLINE": "1"})
     assert got == code and any(message in line for line in err), err
     assert not any(p.suffix == ".png" for p in (tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
+
+
+def test_two_stage_feeds_the_stage1_result_to_supir(tmp_path):
+    from mini_supir import pipeline
+    up = stage1.Upscaler.load("realesr-animevideov3")
+    image, settings = crop(), pipeline.RestoreSettings(upscale=2, min_size=0)
+    lq = pipeline.prepare(image, settings, up).lq  # 64x48 -> network x4 -> the 128x128 processing size
+    expected = up.upscale_image(image).resize((128, 128), Image.LANCZOS)
+    assert torch.equal(lq, pipeline.prepare(expected, pipeline.RestoreSettings(min_size=0)).lq)
+    image.save(tmp_path / "p.png")
+    code, err = cli("--model", "tiny", "--image", tmp_path / "p.png", "--stage1", "realesr-animevideov3", "--min-size",
+                    "128", "--steps", "2", "--out", tmp_path / "out")
+    assert code == 0, err
+    info = read_png_info(tmp_path / "out" / "p.png")
+    assert info["stage1"]["model"] == "realesr-animevideov3" and info["model"] == "tiny"
