@@ -11,17 +11,25 @@ diffusers' UNet2DConditionModel, all sized as supir.TINY, their weights those of
 peft (`inject_adapter_in_model`, which diffusers' loaders use for text encoders; transformers 5.24's own
 `add_adapter` wants peft >= 0.22) and `UNet2DConditionModel.add_adapter`, filled with seeded random A and B,
 and saved the ways the tools save them. outputs.safetensors holds the peers' outputs on peer_base.inputs()
-at LoRA scale 0 (base), 1.0 and 0.5 (diffusers' scale_lora_layers), keyed "<case>.<scale>.<output>".
+at LoRA scale 0 (base), 1.0 and 0.5 (diffusers' scale_lora_layers), adapters live and merged into the
+weights, keyed "<case>.<live|merged><scale>.<output>".
 """
+import copy
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
+
+if os.environ.get("PYTHONHASHSEED") != "0":  # peft keeps target_modules in a set: a fixed order, same files
+    os.environ["PYTHONHASHSEED"] = "0"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -138,12 +146,19 @@ def with_adapters(base: dict, configs: dict, seed: int) -> dict:
 
 
 def record(case: str, models: dict, x: dict, store: dict) -> None:
+    """Outputs live and merged (peft's LoraLayer.merge, what diffusers' fuse_lora calls) at each scale;
+    each merge on a fresh copy (peft's unmerge does not restore W bit for bit)."""
     for scale in (1.0, 0.5):
-        for m in models.values():
-            scale_lora_layers(m, scale)
-        store.update({f"{case}.{scale:g}.{k}": v for k, v in outputs(models, x).items()})
-        for m in models.values():
-            unscale_lora_layers(m, scale)
+        for mode, m in (("live", models), ("merged", copy.deepcopy(models))):
+            for model in m.values():
+                scale_lora_layers(model, scale)
+                if mode == "merged":
+                    for layer in model.modules():
+                        if isinstance(layer, BaseTunerLayer):
+                            layer.merge()
+            store.update({f"{case}.{mode}{scale:g}.{k}": v for k, v in outputs(m, x).items()})
+            for model in m.values():
+                unscale_lora_layers(model, scale)
 
 
 def peft_sd(models: dict, part: str, text_model: bool = False) -> dict:
@@ -164,7 +179,7 @@ def main():
     ours = {part: m.state_dict() for part, m in tree.parts().items()}
     base = {"te1": lambda: hf_te1(ours["te1"]), "te2": lambda: hf_te2(ours["te2"]),
             "unet": lambda: diffusers_unet(ours["unet"])}
-    store = {f"base.0.{k}": v for k, v in outputs({p: f() for p, f in base.items()}, x).items()}
+    store = {f"base.live0.{k}": v for k, v in outputs({p: f() for p, f in base.items()}, x).items()}
     store.update({f"inputs.{k}": v for k, v in x.items()})
     manifest = {}
 
