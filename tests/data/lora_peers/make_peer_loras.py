@@ -4,6 +4,7 @@ Run from the repository root in a separate environment (never the project's own)
     python3 -m venv /tmp/peer && . /tmp/peer/bin/activate && pip install torch==2.13.0 \
         diffusers==0.42.1 peft==0.21.2 "transformers>=5" safetensors accelerate numpy tokenizers
     python tests/data/lora_peers/make_peer_loras.py
+    python tests/data/lora_peers/make_peer_loras.py --check-ours   # diffusers reads our re-saved files
 
 Base models: transformers' CLIPTextModel (CLIP-L shape) and CLIPTextModelWithProjection (bigG shape, gelu),
 diffusers' UNet2DConditionModel, all sized as supir.TINY, their weights those of tests/peer_base.py
@@ -251,5 +252,46 @@ def main():
     print({k: round(v.abs().max().item(), 3) for k, v in store.items() if k.endswith(("eps", "pooled"))})
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and not sys.argv[1:]:
     main()
+
+
+def check_ours():
+    """The other direction: each peer file loaded by us and saved by save_lora (kohya keys, bigG's fused
+    q/k/v written as te2 q_proj / k_proj / v_proj) is read back by diffusers' own SDXL loader
+    (lora_state_dict + load_lora_into_unet / load_lora_into_text_encoder); prints its max abs error against
+    the peer's outputs with the original file. Nothing is written here."""
+    import tempfile
+    from mini_supir.lora import load_lora, save_lora
+    x = peer_base.inputs()
+    tree = peer_base.base_tree()
+    ours = {part: m.state_dict() for part, m in tree.parts().items()}
+    base = {"te1": lambda: hf_te1(ours["te1"]), "te2": lambda: hf_te2(ours["te2"]),
+            "unet": lambda: diffusers_unet(ours["unet"])}
+    ref = __import__("safetensors.torch").torch.load_file(str(HERE / "outputs.safetensors"))
+    files = {"diffusers": "diffusers.safetensors", "rslora": "rslora.safetensors", "kohya": "kohya.safetensors",
+             "diffusers_old": "diffusers_old.safetensors", "peft_te1": "peft_te1", "peft_te2": "peft_te2"}
+    for case, name in files.items():
+        mine = peer_base.base_tree()
+        load_lora(mine, HERE / name, "peer")
+        with tempfile.TemporaryDirectory() as d:
+            save_lora(mine, Path(d) / "ours.safetensors", "peer")
+            sd, alphas = StableDiffusionXLPipeline.lora_state_dict(  # unet_config: to map sgm block numbers
+                str(Path(d) / "ours.safetensors"), unet_config=base["unet"]().config)
+        models = {}
+        for part, prefix in (("unet", "unet"), ("te1", "text_encoder"), ("te2", "text_encoder_2")):
+            if any(k.startswith(prefix + ".") for k in sd):
+                m = base[part]()
+                if part == "unet":
+                    StableDiffusionXLPipeline.load_lora_into_unet(sd, alphas, m, adapter_name="ours")
+                else:
+                    StableDiffusionXLPipeline.load_lora_into_text_encoder(sd, alphas, m, prefix=prefix,
+                                                                          adapter_name="ours")
+                models[part] = m.eval()
+        got = outputs(models, x)
+        errors = {k: (v - ref[f"{case}.live1.{k}"]).abs().max().item() for k, v in got.items()}
+        print(f"{case}: diffusers reading our re-save: max abs error {max(errors.values()):.2g} over {sorted(errors)}")
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--check-ours"]:
+    check_ours()
