@@ -285,7 +285,7 @@ def build_restorer(args: argparse.Namespace, device: str) -> tuple[Restorer, dic
         except CheckpointError as e:
             raise WeightsError(spec, one_line(e)) from None
     loras = tuple((files[f], scale) for f, scale in args.lora)
-    placement["lora_strict"] = args.lora_strict == "on"
+    placement["lora_strict"] = getattr(args, "lora_strict", "on") == "on"  # evaluate.py builds args without it
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
