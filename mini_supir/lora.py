@@ -4,14 +4,19 @@ kohya / diffusers (PEFT) file formats that ComfyUI, A1111 and diffusers exchange
 An adapted layer computes  y = W x + b + sum_k  s_k (alpha_k / r_k) B_k A_k x  with A_k (r_k, in) random and
 B_k (out, r_k) zero, so a fresh adapter starts as the base model. `LoRALinear` / `LoRAConv2d` are the
 nn.Linear / nn.Conv2d they replace, with the same `weight` / `bias` parameters (official checkpoints still
-load with a plain `load_state_dict`) and a `lora` ModuleDict of named adapters. Adapters can be folded into
-W for inference (`merge_lora`) and taken out again bit-exactly (`unmerge_lora`).
+load with a plain `load_state_dict`) and a `lora` ModuleDict of named adapters. bigG's attention keeps q, k, v
+in one fused `in_proj_weight` (open_clip's layout); `LoRAInProj` adapts it with a `FusedLoRAAdapter` of up to
+three adapters, one per third, which is what kohya's and diffusers' te2 q_proj / k_proj / v_proj keys mean.
+Adapters can be folded into W for inference (`merge_lora`) and taken out again bit-exactly (`unmerge_lora`).
 
 Files are kohya's: `lora_unet_<sgm module path, '.' -> '_'>.lora_down.weight` (A), `.lora_up.weight` (B),
 `.alpha`, for the text towers `lora_te1_` (CLIP-L) / `lora_te2_` (bigG, in Hugging Face CLIP names), for
-SUPIR's control encoder `lora_control_`. Loading also takes kohya files spelled with diffusers paths and
-diffusers / PEFT files (`unet.down_blocks.1.attentions.0...to_q.lora_A.weight`), mapped to our module
-names by `unet_diffusers_names`, which derives the diffusers layout from the UNetConfig.
+SUPIR's control encoder `lora_control_`. Loading also takes kohya files spelled with diffusers paths,
+diffusers / PEFT files (`unet.down_blocks.1.attentions.0...to_q.lora_A.weight`, text encoders in
+transformers 4 and 5 names, older `lora_linear_layer` spellings) with their PEFT scaling (lora_alpha,
+alpha_pattern, use_rslora) and PeftModel folders (adapter_config.json). Foreign names are converted here,
+at the edge: `unet_diffusers_names` derives the diffusers UNet layout from the UNetConfig, `_layer_names`
+lists every spelling of each of our layers.
 """
 from __future__ import annotations
 
