@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import peer_base
 from mini_supir.lora import (load_lora, lora_layers, merge_lora, read_lora, remove_lora, save_lora, set_lora_scale,
@@ -123,3 +123,23 @@ def test_resaved_as_kohya_keeps_the_strength(base, case, tmp_path):
     keys = set(read_lora(tmp_path / "ours.safetensors")[0])
     has_te2 = any(k.startswith(f"{case}.live1.te2") for k in REF)
     assert has_te2 == ("lora_te2_text_model_encoder_layers_0_self_attn_v_proj.alpha" in keys)
+
+
+@pytest.mark.parametrize("case, rename", [
+    ("diffusers", {"text_encoder.encoder.": "text_encoder.text_model.encoder.",  # transformers 4 names
+                   "text_encoder_2.text_model.encoder.": "text_encoder_2.encoder."}),  # transformers 5 names
+    ("kohya", {"lora_te1_text_model_encoder_": "lora_te1_encoder_",  # convert_state_dict_to_kohya on transformers 5
+               "lora_te2_text_model_encoder_": "lora_te2_encoder_"}),
+], ids=["diffusers-text_model-swapped", "kohya-transformers5"])
+def test_other_spellings_of_the_same_file(base, case, rename, tmp_path):
+    tensors, metadata = read_lora(DATA / FILES[case])
+    renamed = {}
+    for key, value in tensors.items():
+        for old, new in rename.items():
+            key = key.replace(old, new)
+        renamed[key] = value
+    assert set(renamed) != set(tensors)
+    save_file(renamed, tmp_path / "renamed.safetensors", metadata=metadata)  # alpha stays where it was
+    tree = copy.deepcopy(base)
+    load_lora(tree, tmp_path / "renamed.safetensors", "peer")
+    assert max(max_errors(tree, case, 1.0).values()) <= ATOL
