@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -107,7 +108,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--sdxl", help="SDXL single file: path, registry name or repo_id/filename (default: sdxl)")
     m.add_argument("--supir", help="SUPIR file: path, Q, F or repo_id/filename (default: Q, F with --fidelity)")
     m.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="FILE[:SCALE]",
-                   help="LoRA file or hub spec merged into the model, SCALE default 1 (repeatable)")
+                   help="LoRA file, PEFT adapter folder or hub spec merged into the model, SCALE default 1 (repeatable)")
+    m.add_argument("--lora-strict", choices=["on", "off"], default="on",
+                   help="on (default): a LoRA with keys we cannot apply is an error; off: apply what fits, "
+                        "print one warning line listing what was skipped")
     m.add_argument("--dtype", choices=["auto", *pipeline.DTYPES], default="auto",
                    help="UNet / text encoders (auto: fp16 on GPU, fp32 on CPU)")
     m.add_argument("--vae-dtype", choices=["auto", *pipeline.DTYPES], default="auto",
@@ -305,11 +309,19 @@ def build_restorer(args: argparse.Namespace, device: str) -> tuple[Restorer, dic
         except CheckpointError as e:
             raise WeightsError(spec, one_line(e)) from None
     loras = tuple((files[f], scale) for f, scale in args.lora)
+    placement["lora_strict"] = getattr(args, "lora_strict", "on") == "on"  # evaluate.py builds args without it
     try:
-        if random:
-            restorer = Restorer.random(cfg, seed=0, loras=loras, **placement)
-        else:
-            restorer = Restorer.from_files(files[sdxl], files[supir_file], cfg, loras=loras, **placement)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if random:
+                restorer = Restorer.random(cfg, seed=0, loras=loras, **placement)
+            else:
+                restorer = Restorer.from_files(files[sdxl], files[supir_file], cfg, loras=loras, **placement)
+        for w in caught:  # --lora-strict off: what each LoRA skipped, one line each
+            if str(w.message).startswith("LoRA "):
+                print(f"warning: {one_line(w.message)}", file=sys.stderr)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except Exception as e:  # noqa: BLE001 — wrong or broken files: name the one the message is about
         at_fault = next((a for a in specs[::-1] if Path(a).name in str(e)), " + ".join(specs) or args.model)
         raise WeightsError(at_fault, one_line(e)) from None

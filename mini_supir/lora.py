@@ -4,14 +4,19 @@ kohya / diffusers (PEFT) file formats that ComfyUI, A1111 and diffusers exchange
 An adapted layer computes  y = W x + b + sum_k  s_k (alpha_k / r_k) B_k A_k x  with A_k (r_k, in) random and
 B_k (out, r_k) zero, so a fresh adapter starts as the base model. `LoRALinear` / `LoRAConv2d` are the
 nn.Linear / nn.Conv2d they replace, with the same `weight` / `bias` parameters (official checkpoints still
-load with a plain `load_state_dict`) and a `lora` ModuleDict of named adapters. Adapters can be folded into
-W for inference (`merge_lora`) and taken out again bit-exactly (`unmerge_lora`).
+load with a plain `load_state_dict`) and a `lora` ModuleDict of named adapters. bigG's attention keeps q, k, v
+in one fused `in_proj_weight` (open_clip's layout); `LoRAInProj` adapts it with a `FusedLoRAAdapter` of up to
+three adapters, one per third, which is what kohya's and diffusers' te2 q_proj / k_proj / v_proj keys mean.
+Adapters can be folded into W for inference (`merge_lora`) and taken out again bit-exactly (`unmerge_lora`).
 
 Files are kohya's: `lora_unet_<sgm module path, '.' -> '_'>.lora_down.weight` (A), `.lora_up.weight` (B),
 `.alpha`, for the text towers `lora_te1_` (CLIP-L) / `lora_te2_` (bigG, in Hugging Face CLIP names), for
-SUPIR's control encoder `lora_control_`. Loading also takes kohya files spelled with diffusers paths and
-diffusers / PEFT files (`unet.down_blocks.1.attentions.0...to_q.lora_A.weight`), mapped to our module
-names by `unet_diffusers_names`, which derives the diffusers layout from the UNetConfig.
+SUPIR's control encoder `lora_control_`. Loading also takes kohya files spelled with diffusers paths,
+diffusers / PEFT files (`unet.down_blocks.1.attentions.0...to_q.lora_A.weight`, text encoders in
+transformers 4 and 5 names, older `lora_linear_layer` spellings) with their PEFT scaling (lora_alpha,
+alpha_pattern, use_rslora) and PeftModel folders (adapter_config.json). Foreign names are converted here,
+at the edge: `unet_diffusers_names` derives the diffusers UNet layout from the UNetConfig, `_layer_names`
+lists every spelling of each of our layers.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .text import MultiheadSelfAttention
 from .unet import UNetConfig
 
 # Module-name patterns for `inject_lora`. A pattern matches a module whose dotted path equals it or ends
@@ -38,9 +44,10 @@ FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
 PROJECTIONS = ("proj_in", "proj_out")
 # kohya's SDXL default: every Linear in the transformers.
 TRANSFORMER = ATTENTION + FEED_FORWARD + PROJECTIONS
-# CLIP-L (HF names) and the linear layers of bigG (open_clip names).
+# CLIP-L (HF names) and bigG (open_clip names; "attn.in_proj" = its fused q/k/v projection): what kohya's
+# and diffusers' SDXL trainers adapt in both text encoders.
 TEXT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2",
-        "attn.out_proj", "mlp.c_fc", "mlp.c_proj")
+        "attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 class LoRAFileError(ValueError):
@@ -88,6 +95,55 @@ class LoRAAdapter(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}"
 
 
+class FusedLoRAAdapter(nn.ModuleDict):
+    """Adapters on the thirds of a fused q/k/v projection: open_clip keeps bigG's as one in_proj_weight
+    [W_q; W_k; W_v] (3C, C), where kohya and diffusers adapt Hugging Face's q_proj / k_proj / v_proj one by
+    one. Holds up to three LoRAAdapters "q", "k", "v", each with its own rank and alpha, writing rows
+    [i*C, (i+1)*C) of the output; `scale` is the strength of all three."""
+
+    SLICES = ("q", "k", "v")
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+        self.scale = 1.0
+        self.target = ""
+
+    def add(self, sl: str, rank: int, alpha: float, dropout: float = 0.0, device=None, dtype=None) -> LoRAAdapter:
+        self[sl] = LoRAAdapter((rank, self.width), (self.width, rank), alpha, dropout, device, dtype)
+        return self[sl]
+
+    def slices(self) -> list[tuple[int, LoRAAdapter]]:
+        return [(i, self[sl]) for i, sl in enumerate(self.SLICES) if sl in self]
+
+    @property
+    def multiplier(self) -> float:  # each slice's alpha / rank is applied inside delta / live
+        return self.scale
+
+    def delta(self, multiplier: float) -> torch.Tensor:
+        parts = self.slices()
+        dtype = torch.promote_types(parts[0][1].down.dtype, torch.float32)
+        out = torch.zeros(3 * self.width, self.width, dtype=dtype, device=parts[0][1].down.device)
+        for i, a in parts:
+            out[i * self.width:(i + 1) * self.width] = a.delta(multiplier * a.alpha / a.rank)
+        return out
+
+    def live(self, x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+        """proj (..., 3C) with each slice's scale * alpha/rank * B A x added to its third."""
+        chunks = list(proj.chunk(3, dim=-1))
+        for i, a in self.slices():
+            h = F.linear(F.linear(a.dropout(x.to(a.down.dtype)), a.down), a.up)
+            chunks[i] = chunks[i] + (self.scale * a.multiplier * h).to(proj.dtype)
+        return torch.cat(chunks, dim=-1)
+
+
+def _leaves(adapter: nn.Module) -> list[tuple[str | None, LoRAAdapter]]:
+    """(slice, adapter) pairs: [(None, it)] for a plain adapter, the q / k / v ones of a fused adapter."""
+    if isinstance(adapter, FusedLoRAAdapter):
+        return [(FusedLoRAAdapter.SLICES[i], a) for i, a in adapter.slices()]
+    return [(None, adapter)]
+
+
 @dataclass
 class _Merge:
     """What unmerge needs to restore W bit for bit: fl(fl(W + d) - d) differs from W in a few places."""
@@ -101,6 +157,7 @@ class LoRALayer(nn.Module):
     """What LoRALinear and LoRAConv2d share: named adapters on top of the layer's own forward."""
 
     plain: type[nn.Module]  # the layer class this one stands in for
+    own = ("weight", "bias")  # its parameters (and children) that the adapted layer takes over as they are
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -110,13 +167,17 @@ class LoRALayer(nn.Module):
     @classmethod
     def wrap(cls, layer: nn.Module) -> "LoRALayer":
         """The adapted layer around `layer`'s own weight / bias parameters (nothing is copied)."""
-        new = cls(**cls.config(layer), device="meta")
-        new.weight, new.bias = layer.weight, layer.bias
+        with torch.device("meta"):
+            new = cls(**cls.config(layer))
+        for attr in cls.own:
+            setattr(new, attr, getattr(layer, attr))
         return new.train(layer.training)
 
     def unwrap(self) -> nn.Module:
-        plain = self.plain(**self.config(self), device="meta")
-        plain.weight, plain.bias = self.weight, self.bias
+        with torch.device("meta"):
+            plain = self.plain(**self.config(self))
+        for attr in self.own:
+            setattr(plain, attr, getattr(self, attr))
         return plain.train(self.training)
 
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0, dtype=None) -> LoRAAdapter:
@@ -216,8 +277,47 @@ class LoRAConv2d(LoRALayer, nn.Conv2d):
         return F.conv2d(h, up)
 
 
+class LoRAInProj(LoRALayer, MultiheadSelfAttention):
+    """bigG's attention with FusedLoRAAdapters on its fused q/k/v projection. It keeps the official
+    parameters `in_proj_weight` / `in_proj_bias` (open_clip's, from nn.MultiheadAttention) and its `out_proj`
+    child, so checkpoints load as before; merging adds each slice's delta to its rows of in_proj_weight."""
+    plain = MultiheadSelfAttention
+    own = ("in_proj_weight", "in_proj_bias", "out_proj")
+
+    @staticmethod
+    def config(layer: MultiheadSelfAttention) -> dict:
+        return dict(width=layer.in_proj_weight.shape[1], heads=layer.heads)
+
+    @property
+    def weight(self) -> nn.Parameter:  # what LoRALayer merges into
+        return self.in_proj_weight
+
+    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0, dtype=None,
+                    slices: str = "qkv") -> FusedLoRAAdapter:
+        if not name or "." in name:
+            raise ValueError(f"adapter name must be non-empty without dots, got {name!r}")
+        if name in self.lora:
+            raise ValueError(f"adapter {name!r} already exists (remove_lora it first)")
+        w = self.in_proj_weight
+        adapter = FusedLoRAAdapter(w.shape[1])
+        for sl in slices:
+            adapter.add(sl, rank, alpha, dropout, w.device, dtype or w.dtype)
+        self.lora[name] = adapter
+        return adapter
+
+    def in_proj(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().in_proj(x)
+        for name, a in self.lora.items():
+            if name not in self.merged and a.scale != 0:
+                out = a.live(x, out)
+        return out
+
+    forward = MultiheadSelfAttention.forward
+
+
 def _adaptable(module: nn.Module) -> bool:
-    return isinstance(module, LoRALayer) or type(module) is nn.Linear or (type(module) is nn.Conv2d and module.groups == 1)
+    return (isinstance(module, LoRALayer) or type(module) in (nn.Linear, MultiheadSelfAttention)
+            or (type(module) is nn.Conv2d and module.groups == 1))
 
 
 def _wrapped(root: nn.Module, path: str) -> LoRALayer:
@@ -227,7 +327,9 @@ def _wrapped(root: nn.Module, path: str) -> LoRALayer:
         return layer
     if not _adaptable(layer):
         raise TypeError(f"{path} is a {type(layer).__name__}: LoRA adapts nn.Linear and (groups=1) nn.Conv2d")
-    new = (LoRALinear if isinstance(layer, nn.Linear) else LoRAConv2d).wrap(layer)
+    kind = (LoRALinear if isinstance(layer, nn.Linear) else
+            LoRAInProj if isinstance(layer, MultiheadSelfAttention) else LoRAConv2d)
+    new = kind.wrap(layer)
     parent, _, child = path.rpartition(".")
     setattr(root.get_submodule(parent), child, new)
     return new
@@ -237,7 +339,9 @@ def lora_layers(module: nn.Module) -> dict[str, LoRALayer]:
     return {n: m for n, m in module.named_modules() if isinstance(m, LoRALayer)}
 
 
-def _matches(path: str, pattern: str) -> bool:
+def _matches(path: str, pattern: str, layer: nn.Module | None = None) -> bool:
+    if isinstance(layer, MultiheadSelfAttention):  # its fused projection is addressed as <attn>.in_proj
+        path += ".in_proj"
     return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, "*." + pattern)
 
 
@@ -255,7 +359,7 @@ def inject_lora(module: nn.Module, name: str = "default", rank: int = 16, alpha:
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     paths, unused = [], set(targets)
     for path, layer in module.named_modules():
-        hit = [t for t in targets if _matches(path, t)]
+        hit = [t for t in targets if _matches(path, t, layer)]
         if hit and _adaptable(layer):
             paths.append((path, hit[0]))
             unused -= set(hit)
@@ -374,8 +478,10 @@ def _rename(path: str, table: dict[str, str]) -> str | None:
     return None
 
 
-# bigG is stored with open_clip names; kohya and diffusers name its layers as Hugging Face's CLIPTextModel.
+# bigG is stored with open_clip names; kohya and diffusers name its layers as Hugging Face's CLIPTextModel,
+# where the fused in_proj (addressed as <attn>.q / .k / .v here) is three Linears q_proj / k_proj / v_proj.
 _OPENCLIP_TO_HF = ((r"^transformer\.resblocks\.(\d+)\.attn\.out_proj$", r"text_model.encoder.layers.\1.self_attn.out_proj"),
+                   (r"^transformer\.resblocks\.(\d+)\.attn\.([qkv])$", r"text_model.encoder.layers.\1.self_attn.\2_proj"),
                    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_fc$", r"text_model.encoder.layers.\1.mlp.fc1"),
                    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_proj$", r"text_model.encoder.layers.\1.mlp.fc2"))
 
@@ -426,35 +532,63 @@ def model_parts(root: nn.Module) -> dict[str, str]:
     return found
 
 
-def _file_names(part: str, part_module: nn.Module, path: str) -> tuple[str | None, list[str]]:
-    """(the kohya key stem we save under, every key stem a file may use) for layer `path` of a part."""
+def _text_stems(part: str, hf: str) -> list[str]:
+    """Every key stem a file may spell a text-encoder layer with (Hugging Face name `hf`, 'text_model.…').
+
+    transformers 5 dropped CLIPTextModel's `text_model.` level, so diffusers on it writes
+    `text_encoder.encoder.layers.0…` (and its kohya converter `lora_te1_encoder_layers_0…`); a PeftModel
+    folder has no part prefix at all (the part is told apart by the tensors' shapes, see _plan)."""
     spec = PARTS[part]
-    own = None  # the path in the naming kohya uses for this part
-    other = []  # the same layer in the diffusers naming, if it differs
-    if part == "unet":
-        own = path
+    names = []
+    for name in (hf, hf.removeprefix("text_model.")):
+        names += [spec.kohya + name.replace(".", "_"), spec.peft + name, name]
+    if part == "te1":
+        names.append("lora_te_" + hf.replace(".", "_"))  # single-text-encoder kohya files (SD 1.x)
+    return names
+
+
+def _layer_names(part: str, part_module: nn.Module, path: str, layer: nn.Module) -> list[tuple[str | None, str | None, list[str]]]:
+    """[(slice, the kohya key stem we save under, every key stem a file may use)] for layer `path` of a
+    part; bigG's fused attention has one entry per q / k / v slice, every other layer one with slice None."""
+    spec = PARTS[part]
+    if isinstance(layer, MultiheadSelfAttention):
+        return [(sl, spec.kohya + hf.replace(".", "_"), _text_stems(part, hf))
+                for sl in FusedLoRAAdapter.SLICES if (hf := _openclip_hf_name(f"{path}.{sl}"))]
+    if part in ("te1", "te2"):
+        hf = _openclip_hf_name(path) if part == "te2" else path
+        return [(None, spec.kohya + hf.replace(".", "_"), _text_stems(part, hf))] if hf else [(None, None, [])]
+    names = []
+    if part == "unet":  # diffusers' paths for the same layer
         cfg = getattr(part_module, "cfg", None)
         diffusers = _rename(path, _diffusers_table(cfg)) if isinstance(cfg, UNetConfig) else None
         if diffusers:
-            other = [spec.kohya + diffusers.replace(".", "_"), spec.peft + diffusers, diffusers]
-    elif part == "te2":
-        own = _openclip_hf_name(path)
-    else:
-        own = path
-    names = list(other)
-    if own is not None:
-        names += [spec.kohya + own.replace(".", "_")] + ([spec.peft + own] if spec.peft else [])
-        if part == "te1":
-            names.append("lora_te_" + own.replace(".", "_"))  # single-text-encoder kohya files (SD 1.x)
-    return (spec.kohya + own.replace(".", "_") if own is not None else None), names
+            names = [spec.kohya + diffusers.replace(".", "_"), spec.peft + diffusers, diffusers]
+    names += [spec.kohya + path.replace(".", "_")] + ([spec.peft + path] if spec.peft else [])
+    return [(None, spec.kohya + path.replace(".", "_"), names)]
 
 
 # (suffix, role) of every tensor key we understand; the rest of the key names the module.
 _ROLES = ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha"),
           (".lora_A.weight", "down"), (".lora_B.weight", "up"),
           (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+          # diffusers' text-encoder LoRAs before PEFT (and convert_state_dict_to_diffusers today):
+          # text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight
+          (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
           # diffusers' attention-processor files: ...attn1.processor.to_q_lora.down.weight
           ("_lora.down.weight", "down"), ("_lora.up.weight", "up"))
+
+# What the keys we do not load are, for the error (substring -> name); first match wins.
+_KINDS = (("hada_", "LoHa"), ("lokr_", "LoKr"), ("dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"),
+          ("lora_mid", "LoCon Tucker (lora_mid)"), ("oft_", "OFT"), ("ia3", "IA3"), ("lora_embedding", "embedding LoRA"),
+          (".diff_b", "bias diffs"), (".diff", "full weight diffs"), ("bias", "bias tensors"))
+
+
+def _kinds(keys: list[str]) -> str:
+    counts: dict[str, int] = {}
+    for key in keys:
+        kind = next((name for sub, name in _KINDS if sub in key), "unknown")
+        counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{kind} ({n})" for kind, n in counts.items())
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
@@ -474,26 +608,46 @@ def _split_key(key: str) -> tuple[str, str] | None:
 # saving and loading files
 
 
+def _part_of(model: nn.Module, parts: dict[str, str], layer_path: str) -> tuple[str | None, str]:
+    part = next((p for p, root in parts.items() if root == "" or layer_path.startswith(root + ".")), None)
+    rel = layer_path[len(parts[part]) + 1:] if part and parts[part] else layer_path
+    return part, rel
+
+
 def lora_state_dict(model: nn.Module, name: str = "default", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Adapter `name` as a kohya state dict (lora_down = A, lora_up = B, alpha), keyed by model part."""
+    """Adapter `name` as a kohya state dict (lora_down = A, lora_up = B, alpha), keyed by model part;
+    an adapter on bigG's fused in_proj is written as kohya's te2 q_proj / k_proj / v_proj keys."""
     out = {}
     parts = model_parts(model)
     for layer_path, layer in lora_layers(model).items():
         if name not in layer.lora:
             continue
-        a = layer.lora[name]
-        part = next((p for p, root in parts.items() if root == "" or layer_path.startswith(root + ".")), None)
-        rel = layer_path[len(parts[part]) + 1:] if part and parts[part] else layer_path
-        stem = _file_names(part, model.get_submodule(parts[part]), rel)[0] if part else None
-        if stem is None:
-            raise LoRAFileError(f"{layer_path} has no name in kohya's format (it is not under "
-                                f"{', '.join(p.paths[0] for p in PARTS.values())} or has no Hugging Face name)")
-        out[stem + ".lora_down.weight"] = a.down.detach().to("cpu", dtype or a.down.dtype).contiguous()
-        out[stem + ".lora_up.weight"] = a.up.detach().to("cpu", dtype or a.up.dtype).contiguous()
-        out[stem + ".alpha"] = torch.tensor(a.alpha, dtype=torch.float32)
+        part, rel = _part_of(model, parts, layer_path)
+        stems = {sl: own for sl, own, _ in _layer_names(part, model.get_submodule(parts[part]), rel, layer)} if part else {}
+        for sl, a in _leaves(layer.lora[name]):
+            stem = stems.get(sl)
+            if stem is None:
+                raise LoRAFileError(f"{layer_path} has no name in kohya's format (it is not under "
+                                    f"{', '.join(p.paths[0] for p in PARTS.values())} or has no Hugging Face name)")
+            out[stem + ".lora_down.weight"] = a.down.detach().to("cpu", dtype or a.down.dtype).contiguous()
+            out[stem + ".lora_up.weight"] = a.up.detach().to("cpu", dtype or a.up.dtype).contiguous()
+            out[stem + ".alpha"] = torch.tensor(a.alpha, dtype=torch.float32)
     if not out:
         raise KeyError(f"no LoRA adapter named {name!r}")
     return out
+
+
+def _addnet_hashes(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """kohya's sshs_model_hash / sshs_legacy_hash (sd-scripts library/train_util.py
+    precalculate_safetensors_hashes): sha256 of the tensor bytes of the file written with only the ss_*
+    metadata, and sha256 of its 64 KiB at offset 1 MiB, first 8 hex digits."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    blob = save(sd, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = 8 + int.from_bytes(blob[:8], "little")
+    return hashlib.sha256(blob[header:]).hexdigest(), hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
 
 
 def save_lora(model: nn.Module, path: str | Path, name: str = "default", metadata: dict | None = None,
@@ -501,141 +655,240 @@ def save_lora(model: nn.Module, path: str | Path, name: str = "default", metadat
     """Write adapter `name` as a kohya safetensors file that ComfyUI / A1111 load; returns the metadata.
 
     `metadata`: training settings etc. (values are stored as strings, non-strings as JSON); kohya's own
-    keys (`ss_network_dim`, `ss_network_alpha`, ...) are filled in from the adapter.
+    keys (`ss_network_dim`, `ss_network_alpha`, ...) and ModelSpec's (`modelspec.*`) are filled in.
     """
+    import datetime
+
     from safetensors.torch import save_file
 
     sd = lora_state_dict(model, name, dtype)
-    adapters = [layer.lora[name] for layer in lora_layers(model).values() if name in layer.lora]
-    ranks, alphas = {a.rank for a in adapters}, {a.alpha for a in adapters}
+    layers = [layer for layer in lora_layers(model).values() if name in layer.lora]
+    leaves = [(isinstance(layer, LoRAConv2d) and layer.kernel_size != (1, 1), a)
+              for layer in layers for _, a in _leaves(layer.lora[name])]
+    # kohya: ss_network_dim / alpha are the Linear (and 1x1 conv) adapters', conv_dim / conv_alpha in
+    # ss_network_args the 3x3 convs' (networks/lora.py LoRANetwork); "Dynamic" where they differ.
+    def one(values, fmt):
+        values = set(values)
+        return fmt(values.pop()) if len(values) == 1 else "Dynamic"
+    linear = [a for conv, a in leaves if not conv] or [a for _, a in leaves]
+    conv = [a for is_conv, a in leaves if is_conv]
     info = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
-        "ss_network_alpha": f"{alphas.pop():g}" if len(alphas) == 1 else "Dynamic",
-        "ss_network_dropout": f"{adapters[0].dropout.p:g}",
+        "ss_network_dim": one((a.rank for a in linear), str),
+        "ss_network_alpha": one((a.alpha for a in linear), "{:g}".format),
+        "ss_network_dropout": f"{leaves[0][1].dropout.p:g}",
         "ss_base_model_version": base_model,
         "ss_v2": "False",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": name,
+        "modelspec.resolution": "1024x1024",
+        "modelspec.prediction_type": "epsilon",
+        "modelspec.date": datetime.datetime.now().isoformat(timespec="seconds"),
         "mini_supir.adapter": name,
-        "mini_supir.targets": json.dumps(sorted({a.target for a in adapters if a.target})),
+        "mini_supir.targets": json.dumps(sorted({layer.lora[name].target for layer in layers if layer.lora[name].target})),
         "mini_supir.parts": json.dumps(sorted({k.split("_")[1] for k in sd})),
     }
+    if conv:
+        info["ss_network_args"] = json.dumps({"conv_dim": one((a.rank for a in conv), str),
+                                              "conv_alpha": one((a.alpha for a in conv), "{:g}".format)})
     for key, value in (metadata or {}).items():
         info[key] = value if isinstance(value, str) else json.dumps(value)
+    info["sshs_model_hash"], info["sshs_legacy_hash"] = _addnet_hashes(sd, info)
+    info["modelspec.hash_sha256"] = "0x" + info["sshs_model_hash"]
     save_file(sd, str(path), metadata=info)
     return info
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, safetensors metadata) of a LoRA file (.safetensors, or an old .pt / .ckpt: no metadata)."""
+    """(tensors, metadata) of a LoRA file (.safetensors, or an old .pt / .ckpt: no metadata) or of a
+    PeftModel.save_pretrained folder. A PEFT adapter_model.* beside an adapter_config.json (given as the
+    folder or as the file) gets that config as metadata["adapter_config"] (JSON): it holds lora_alpha."""
     from safetensors import safe_open
 
-    if Path(path).suffix != ".safetensors":
+    path = Path(path)
+    if path.is_dir():
+        found = [path / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (path / f).exists()]
+        if not found:
+            raise LoRAFileError(f"{path} is a folder without adapter_model.safetensors / .bin (a PEFT adapter folder)")
+        path = found[0]
+    if path.suffix != ".safetensors":
         sd = torch.load(path, map_location="cpu", weights_only=True)
-        return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, {}
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        tensors, metadata = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, {}
+    else:
+        with safe_open(str(path), framework="pt") as f:
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    config = path.parent / "adapter_config.json"
+    if path.stem == "adapter_model" and config.exists():
+        metadata["adapter_config"] = config.read_text()
+    return tensors, metadata
 
 
-def _peft_alpha(metadata: dict[str, str], part: str) -> float | None:
-    """lora_alpha from the PEFT config diffusers stores in the file's metadata (files carry no .alpha)."""
-    blob = metadata.get("lora_adapter_metadata")
-    if not blob:
+def _peft_configs(metadata: dict[str, str]) -> dict[str, dict]:
+    """Part -> PEFT LoraConfig fields: from diffusers' `lora_adapter_metadata` (keys prefixed 'unet.',
+    'text_encoder.', ...; unprefixed ones apply to every part) or a PEFT folder's adapter_config.json."""
+    flat = json.loads(metadata.get("lora_adapter_metadata") or metadata.get("adapter_config") or "{}")
+    prefixes = {part: spec.peft for part, spec in PARTS.items() if spec.peft}
+    shared = {k: v for k, v in flat.items() if not any(k.startswith(p) for p in prefixes.values())}
+    return {part: {**shared, **{k[len(p):]: v for k, v in flat.items() if k.startswith(p)}}
+            for part, p in prefixes.items()}
+
+
+def _peft_alpha(config: dict, module: str, rank: int) -> float | None:
+    """The alpha that makes our alpha / rank equal PEFT's scaling for `module` (its name in the peer's
+    model): lora_alpha, or the first alpha_pattern entry matching as peft's get_pattern_key does
+    (peft/utils/other.py); rsLoRA scales by alpha / sqrt(r), i.e. our alpha is alpha * sqrt(r). The rank
+    is the tensors' (rank_pattern's per-module r is what they were made with)."""
+    if config.get("lora_alpha") is None:
         return None
-    config = json.loads(blob)
-    prefix = (PARTS[part].peft or "").rstrip(".")
-    alpha = config.get(f"{prefix}.lora_alpha", config.get("lora_alpha"))
-    return float(alpha) if alpha is not None else None
+    alpha = float(config["lora_alpha"])
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = float(value)
+            break
+    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
 
 
 def _few(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-def load_lora(model: nn.Module, path: str | Path | dict, name: str = "default", scale: float = 1.0,
-              merge: bool = False, strict: bool = True) -> list[str]:
-    """Add adapter `name` to `model` from a kohya or diffusers / PEFT LoRA file (or a state dict).
-
-    `model` is a SUPIR / SDXL tree, a ControlledUNet or a bare UNet (see model_parts). Stack LoRAs by
-    loading each under its own name, each with its own `scale`. `merge=True` folds it into the weights.
-    `strict=False` skips keys for parts the model lacks (e.g. text-encoder keys on a bare UNet) with a
-    warning instead of raising. Returns the adapted module paths.
-    """
-    tensors, metadata = read_lora(path) if not isinstance(path, dict) else (path, {})
-    parts = model_parts(model)
-    lookup: dict[str, tuple[str, str]] = {}  # key stem in any naming -> (part, layer path under model)
+def _lookup(model: nn.Module, parts: dict[str, str]) -> tuple[dict[str, list[tuple[str, str, str | None]]], str]:
+    """(key stem in any naming -> candidate (part, layer path under model, slice)s, an example stem)."""
+    lookup: dict[str, list[tuple[str, str, str | None]]] = {}
     example = ""
     for part, root in parts.items():
         part_module = model.get_submodule(root)
         for rel, layer in part_module.named_modules():
-            if rel and _adaptable(layer):
-                own, stems = _file_names(part, part_module, rel)
+            if not rel or not _adaptable(layer):
+                continue
+            for sl, own, stems in _layer_names(part, part_module, rel, layer):
                 example = example or own or ""
                 for stem in stems:
-                    lookup[stem] = (part, f"{root}.{rel}" if root else rel)
+                    candidates = lookup.setdefault(stem, [])
+                    if (part, f"{root}.{rel}" if root else rel, sl) not in candidates:
+                        candidates.append((part, f"{root}.{rel}" if root else rel, sl))
+    return lookup, example
 
+
+def _base_shape(model: nn.Module, layer_path: str, sl: str | None) -> tuple[int, ...]:
+    layer = model.get_submodule(layer_path)
+    if sl is not None:
+        return (layer.in_proj_weight.shape[1],) * 2  # one third of the fused (3C, C)
+    return tuple(layer.weight.shape)
+
+
+def _fit(down: torch.Tensor, up: torch.Tensor, shape: tuple[int, ...]):
+    """(down, up) reshaped to fit a base weight of `shape`, or None with the shapes wanted."""
+    if len(shape) == 2 and down.dim() == 4 and down.shape[2:] == (1, 1) and up.shape[2:] == (1, 1):
+        down, up = down.flatten(1), up.flatten(1)  # 1x1-conv LoRA (SD 1.x proj_in) on a Linear
+    rank = down.shape[0]
+    want_down, want_up = (rank, *shape[1:]), (shape[0], rank, *[1] * (len(shape) - 2))
+    if tuple(down.shape) != want_down or tuple(up.shape) != want_up:
+        return None, (want_down, want_up)
+    return (down, up), None
+
+
+_PEFT_PREFIXES = ("unet.", "text_encoder_2.", "text_encoder.")  # longest first
+
+
+def _plan(model, groups, lookup, configs, wrapped) -> tuple[list, list[str], int]:
+    """(layer path, slice, down, up, alpha) per group that fits; what does not; how many of the stems in
+    `wrapped` (PeftModel keys) found no alpha."""
+    plan, bad, no_alpha = [], [], 0
+    for stem, g in groups.items():
+        if "down" not in g or "up" not in g:
+            bad.append(f"{stem}: has {sorted(g)}, needs both down and up")
+            continue
+        fitted = want = None
+        for part, layer_path, sl in lookup[stem]:  # several only for prefix-less PEFT names: te1 or te2
+            fitted, want_here = _fit(g["down"], g["up"], _base_shape(model, layer_path, sl))
+            want = want or want_here
+            if fitted:
+                break
+        if not fitted:
+            part, layer_path, sl = lookup[stem][0]
+            bad.append(f"{stem}: down {tuple(g['down'].shape)} / up {tuple(g['up'].shape)} do not fit "
+                       f"{layer_path}{'.' + sl if sl else ''} {_base_shape(model, layer_path, sl)} "
+                       f"(want {want[0]} / {want[1]})")
+            continue
+        down, up = fitted
+        module = next((stem[len(p):] for p in _PEFT_PREFIXES if stem.startswith(p)), stem)
+        alpha = g["alpha"].item() if "alpha" in g else _peft_alpha(configs.get(part, {}), module, down.shape[0])
+        if alpha is None:
+            no_alpha += stem in wrapped
+            alpha = down.shape[0]  # kohya's and diffusers' convention without one: alpha = rank, scale 1
+        plan.append((layer_path, sl, down, up, alpha))
+    return plan, bad, no_alpha
+
+
+def load_lora(model: nn.Module, path: str | Path | dict, name: str = "default", scale: float = 1.0,
+              merge: bool = False, strict: bool = True) -> list[str]:
+    """Add adapter `name` to `model` from a kohya or diffusers / PEFT LoRA file, a PEFT adapter folder
+    (or a state dict). See the README's "File formats" for every spelling read.
+
+    `model` is a SUPIR / SDXL tree, a ControlledUNet or a bare UNet (see model_parts). Stack LoRAs by
+    loading each under its own name, each with its own `scale`. `merge=True` folds it into the weights.
+    `strict=False` applies what fits and skips the rest (keys of kinds we do not load, keys for layers or
+    parts the model lacks, layers whose shapes do not fit) with one warning that lists them, instead of
+    raising. Returns the adapted module paths.
+    """
+    tensors, metadata = read_lora(path) if not isinstance(path, dict) else (path, {})
+    parts = model_parts(model)
+    lookup, example = _lookup(model, parts)
     groups: dict[str, dict[str, torch.Tensor]] = {}
-    unknown, fused, unmatched = [], [], []
+    unknown, unmatched, wrapped = [], [], set()
     for key, value in tensors.items():
         split = _split_key(key)
         if split is None:
             unknown.append(key)
         elif split[0] in lookup:
             groups.setdefault(split[0], {})[split[1]] = value
-        elif "te2" in parts and re.search(r"^(lora_te2_|text_encoder_2\.).*self_attn[._][qkv]_proj$", split[0]):
-            fused.append(key)
+            if key.startswith("base_model.model."):  # a PeftModel's own file: its alpha is in adapter_config.json
+                wrapped.add(split[0])
         else:
             unmatched.append(key)
+    plan, bad, no_alpha = _plan(model, groups, lookup, _peft_configs(metadata), wrapped)
     problems = []
     if unknown:
-        problems.append(f"{len(unknown)} keys of a kind we do not load (only plain LoRA down/up/alpha; no LoCon "
-                        f"mid, LoHa, LoKr, DoRA, bias diffs): {_few(unknown)}")
-    if fused:
-        problems.append(f"{len(fused)} keys adapt bigG's q/k/v projections, which live in one fused in_proj_weight "
-                        f"with no Linear layer to wrap: {_few(fused)}")
+        problems.append(f"{len(unknown)} keys of a kind we do not load (only plain LoRA down/up/alpha): "
+                        f"{_kinds(unknown)}: {_few(unknown, 3)}")
     if unmatched:
         problems.append(f"{len(unmatched)} keys match no layer of this model (parts present: {sorted(parts)}; "
                         f"expected names like {example}): {_few(unmatched)}")
+    if bad:
+        problems.append(f"{len(bad)} LoRA layers have wrong shapes or missing tensors: {_few(bad, 3)}")
+    source = "state dict" if isinstance(path, dict) else str(path)
     if problems and strict:
-        source = "state dict" if isinstance(path, dict) else str(path)
         raise LoRAFileError(f"LoRA {source} does not fit the model: " + "; ".join(problems))
     if problems:
-        warnings.warn("skipping LoRA keys: " + "; ".join(problems))
+        warnings.warn(f"LoRA {source}: applied {len(plan)} layers, skipped " + "; ".join(problems))
+    if no_alpha:
+        warnings.warn(f"LoRA {source}: {no_alpha} layers of a PeftModel file come without lora_alpha (no "
+                      f"adapter_config.json beside it): alpha = rank assumed, the strength may be wrong")
+    return _apply(model, plan, name, scale, merge)
 
-    plan, bad = [], []
-    for stem, g in groups.items():
-        part, layer_path = lookup[stem]
-        weight = model.get_submodule(layer_path).weight
-        if "down" not in g or "up" not in g:
-            bad.append(f"{stem}: has {sorted(g)}, needs both down and up")
-            continue
-        down, up = g["down"], g["up"]
-        if weight.dim() == 2 and down.dim() == 4 and down.shape[2:] == (1, 1) and up.shape[2:] == (1, 1):
-            down, up = down.flatten(1), up.flatten(1)  # 1x1-conv LoRA (SD 1.x proj_in) on a Linear
-        rank = down.shape[0]
-        want_down = (rank, *weight.shape[1:])
-        want_up = (weight.shape[0], rank, *[1] * (weight.dim() - 2))
-        if tuple(down.shape) != want_down or tuple(up.shape) != want_up:
-            bad.append(f"{stem}: down {tuple(down.shape)} / up {tuple(up.shape)} do not fit {layer_path} "
-                       f"{tuple(weight.shape)} (want {want_down} / {want_up})")
-            continue
-        alpha = g["alpha"].item() if "alpha" in g else _peft_alpha(metadata, part) or rank
-        plan.append((layer_path, down, up, alpha))
-    if bad:
-        raise LoRAFileError(f"{len(bad)} LoRA layers have wrong shapes or missing tensors: {_few(bad, 3)}")
-    taken = [p for p, *_ in plan if name in getattr(model.get_submodule(p), "lora", {})]
+
+def _apply(model: nn.Module, plan: list, name: str, scale: float, merge: bool) -> list[str]:
+    taken = sorted({p for p, *_ in plan if name in getattr(model.get_submodule(p), "lora", {})})
     if taken:
         raise ValueError(f"adapter {name!r} already exists on {_few(taken, 3)}; remove_lora it or pick another name")
-
+    paths = []
     with torch.no_grad():
-        for layer_path, down, up, alpha in plan:
-            adapter = _wrapped(model, layer_path).add_adapter(name, down.shape[0], alpha)
+        for layer_path, sl, down, up, alpha in plan:
+            layer = _wrapped(model, layer_path)
+            if sl is None:
+                adapter = layer.add_adapter(name, down.shape[0], alpha)
+            else:  # one slice of bigG's fused in_proj: the layer's adapter holds up to three
+                fused = layer.lora[name] if name in layer.lora else layer.add_adapter(name, 0, 0, slices="")
+                adapter = fused.add(sl, down.shape[0], alpha, device=layer.weight.device, dtype=layer.weight.dtype)
+                fused.scale = float(scale)
             adapter.down.copy_(down)
             adapter.up.copy_(up)
-            adapter.scale = float(scale)
+            adapter.scale = float(scale) if sl is None else 1.0
+            if layer_path not in paths:
+                paths.append(layer_path)
     if merge:
         merge_lora(model, name)
-    return [p for p, *_ in plan]
+    return paths

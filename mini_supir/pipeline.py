@@ -274,33 +274,36 @@ class Restorer:
 
     @classmethod
     def from_files(cls, sdxl: str | Path, supir_file: str | Path, cfg: supir.SUPIRConfig = supir.SDXL,
-                   loras: tuple[tuple[str | Path, float], ...] = (), **placement) -> "Restorer":
-        """Official single files (local paths or hub specs, see weights.resolve) plus LoRAs merged in.
+                   loras: tuple[tuple[str | Path, float], ...] = (), lora_strict: bool = True,
+                   **placement) -> "Restorer":
+        """Official single files (local paths or hub specs, see weights.resolve) plus LoRAs merged in
+        (`lora_strict=False`: what fits of each, the rest skipped with a warning; see lora.load_lora).
         The tensors are cast as they are read, so host RAM holds one copy at the target precision."""
         device = pick_device(placement.pop("device", None))
         dtype, vae_dtype = pick_dtypes(device, placement.pop("dtype", None), placement.pop("vae_dtype", None))
         model = supir.load(cfg, sdxl, supir_file,
                            {"model.": dtype, "conditioner.": dtype, "first_stage_model.": vae_dtype})
-        cls._merge_loras(model, loras)
+        cls._merge_loras(model, loras, lora_strict)
         return cls(model, device, dtype, vae_dtype, **placement)
 
     @classmethod
     def random(cls, cfg: supir.SUPIRConfig = supir.TINY, seed: int = 0,
-               loras: tuple[tuple[str | Path, float], ...] = (), **placement) -> "Restorer":
+               loras: tuple[tuple[str | Path, float], ...] = (), lora_strict: bool = True,
+               **placement) -> "Restorer":
         """Random weights (PyTorch's default init, seeded, built on the CPU so it is the same model
         everywhere): a smoke test of the whole pipeline that restores nothing."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = supir.build(cfg, "cpu")
-        cls._merge_loras(model, loras)
+        cls._merge_loras(model, loras, lora_strict)
         return cls(model, **placement)
 
     @staticmethod
-    def _merge_loras(model: supir.SUPIR, loras) -> None:
+    def _merge_loras(model: supir.SUPIR, loras, strict: bool = True) -> None:
         from .lora import load_lora
         from .weights import resolve
         for i, (path, scale) in enumerate(loras):
-            load_lora(model, resolve(path), name=f"lora{i}", scale=scale, merge=True)
+            load_lora(model, resolve(path), name=f"lora{i}", scale=scale, merge=True, strict=strict)
 
     # -- placement -------------------------------------------------------------------------------------
 

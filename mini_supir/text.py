@@ -294,8 +294,12 @@ class MultiheadSelfAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
+    def in_proj(self, x: torch.Tensor) -> torch.Tensor:
+        """[q | k | v] (B, L, 3C): one matmul (lora.LoRAInProj adds adapters on each third here)."""
+        return F.linear(x, self.in_proj_weight, self.in_proj_bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = self.in_proj(x).chunk(3, dim=-1)
         return self.out_proj(causal_self_attention(q, k, v, self.heads))
 
 

@@ -1,5 +1,8 @@
 """LoRA adapters (mini_supir/lora.py): math, merge/unmerge, the kohya and diffusers/PEFT file formats."""
 import copy
+import datetime
+import hashlib
+import json
 import warnings
 
 import pytest
@@ -8,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mini_supir.control import ControlledUNet
-from mini_supir.lora import (ATTENTION, TEXT, TRANSFORMER, LoRAConv2d, LoRAFileError, LoRALinear, inject_lora,
+from mini_supir.lora import (ATTENTION, TEXT, TRANSFORMER, LoRAAdapter, LoRAConv2d, LoRAFileError, LoRALinear, inject_lora,
                              lora_layers, lora_parameters, load_lora, merge_lora, read_lora, remove_lora, save_lora,
                              set_lora_scale, unet_diffusers_names, unmerge_lora)
 from mini_supir.text import TINY_CLIP, TINY_OPENCLIP, Conditioner
@@ -21,8 +24,9 @@ def randomize_up(module, name, std=0.1, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(module).values():
-            up = layer.lora[name].up
-            up.copy_(torch.randn(up.shape, generator=g).to(up.dtype) * std)
+            for a in layer.lora[name].modules():  # a fused q/k/v adapter (bigG) holds three
+                if isinstance(a, LoRAAdapter):
+                    a.up.copy_(torch.randn(a.up.shape, generator=g).to(a.up.dtype) * std)
 
 
 def unet_inputs(seed=0):
@@ -178,6 +182,15 @@ def test_kohya_round_trip_is_exact_with_metadata(base_unet, tmp_path):
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_network_module"]) == ("4", "2", "networks.lora")
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_max_train_steps"] == "500"
     assert "attn1.to_q" in meta["mini_supir.targets"]
+    # kohya's ModelSpec / addnet keys, so that A1111, ComfyUI and civitai show the file properly
+    assert (meta["modelspec.resolution"], meta["modelspec.prediction_type"]) == ("1024x1024", "epsilon")
+    assert datetime.datetime.fromisoformat(meta["modelspec.date"]).year >= 2024
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2"}  # 3x3 convs adapted
+    data = path.read_bytes()
+    tensor_bytes = data[8 + int.from_bytes(data[:8], "little"):]  # how A1111 hashes a file (addnet hash)
+    assert meta["sshs_model_hash"] == hashlib.sha256(tensor_bytes).hexdigest()
+    assert meta["modelspec.hash_sha256"] == "0x" + meta["sshs_model_hash"]
+    assert meta["sshs_legacy_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
 
     other = copy.deepcopy(base_unet)
     loaded = load_lora(other, path, "style")
@@ -282,6 +295,15 @@ def test_mismatched_files_give_clear_errors(base_unet, tmp_path):
         load_lora(unet, wrong, "y")
     with pytest.raises(LoRAFileError, match="of a kind we do not load"):
         load_lora(unet, {good + ".lora_mid.weight": torch.zeros(2, 2, 3, 3)}, "z")
+    other = {good + s: torch.zeros(2, 2) for s in (".hada_w1_a", ".hada_w2_b", ".lokr_w1", ".dora_scale")}
+    with pytest.raises(LoRAFileError, match=r"do not load .*: LoHa \(2\), LoKr \(1\), DoRA \(1\):"):
+        load_lora(unet, other, "z")
+    # strict=False: what fits is applied, wrong shapes and unknown kinds are skipped, one warning lists them
+    mixed = {**other, **{k: v for k, v in sd.items() if k.startswith(good)},
+             "lora_unet_input_blocks_5_1_proj_in.lora_down.weight": torch.zeros(2, 3),
+             "lora_unet_input_blocks_5_1_proj_in.lora_up.weight": torch.zeros(64, 2)}
+    with pytest.warns(UserWarning, match=r"applied 1 layers, skipped 4 keys .*LoHa.*1 LoRA layers have wrong shapes"):
+        assert load_lora(unet, mixed, "w", strict=False) == ["input_blocks.4.1.transformer_blocks.0.attn1.to_q"]
     with pytest.raises(ValueError, match="already exists"):
         load_lora(unet, {k: v for k, v in sd.items() if k.startswith(good)}, "x")
 
@@ -341,12 +363,15 @@ def test_whole_tree_parts_text_towers_and_control(tmp_path):
                 "lora_te2_text_model_encoder_layers_1_mlp_fc1.alpha"):
         assert key in keys
     assert not any("project_modules" in k for k in keys), "SUPIR's connectors are not SDXL attention"
-    qkv = {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 64)}
-    with pytest.raises(LoRAFileError, match="fused in_proj_weight"):
-        load_lora(base, qkv, "qkv")
+    for sl in "qkv":  # bigG's fused in_proj is written as kohya's three projections
+        assert f"lora_te2_text_model_encoder_layers_1_self_attn_{sl}_proj.lora_up.weight" in keys
     loaded = load_lora(base, path, "all")
     assert sorted(loaded) == sorted(lora_layers(tree))
-    assert "conditioner.embedders.1.model.transformer.resblocks.1.mlp.c_fc" in loaded
+    assert {"conditioner.embedders.1.model.transformer.resblocks.1.mlp.c_fc",
+            "conditioner.embedders.1.model.transformer.resblocks.1.attn"} <= set(loaded)
+    ids = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(base.conditioner.embedders[1](ids)[0], tree.conditioner.embedders[1](ids)[0])
 
     # A bare UNet takes the same file's unet part; the other parts are skipped with a warning.
     with warnings.catch_warnings():

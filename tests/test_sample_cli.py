@@ -158,6 +158,20 @@ def test_lora_changes_the_result(capsys, weights, images, tmp_path):
                               np.asarray(Image.open(tmp_path / "lora" / "a.png")))
 
 
+def test_lora_strict_off_applies_what_fits_and_says_what_it_skipped(capsys, weights, images, tmp_path):
+    tensors, _ = lora.read_lora(weights / "style.safetensors")
+    stem = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    tensors[stem + ".hada_w1_a"] = torch.zeros(2, 64)  # a LoHa tensor among plain LoRA ones
+    save_file(tensors, tmp_path / "mixed.safetensors")
+    argv = ("--image", images / "a.png", "--lora", tmp_path / "mixed.safetensors")
+    code, err = run(capsys, weights, *argv, "--out", tmp_path / "strict")
+    assert code == 1 and "LoHa (1)" in err and "mixed.safetensors" in err
+    code, err = run(capsys, weights, *argv, "--out", tmp_path / "off", "--lora-strict", "off")
+    assert code == 0, err
+    [line] = [x for x in err.splitlines() if x.startswith("warning: LoRA")]
+    assert "skipped 1 keys of a kind we do not load" in line and "LoHa (1)" in line and "applied 88 layers" in line
+
+
 def test_ranks_share_the_images(capsys, weights, images, tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setenv("WORLD_SIZE", "2")
