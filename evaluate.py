@@ -289,9 +289,10 @@ def scores(out: torch.Tensor, gt: torch.Tensor, crop: int, lpips: LPIPS | None,
     row = {"psnr": psnr(out, gt, crop).item(), "ssim": ssim(out, gt, crop).item(),
            "psnr_y": psnr(out, gt, crop, y_channel=True).item(), "ssim_y": ssim(out, gt, crop, y_channel=True).item(),
            "lpips": None, "niqe": None, "psnr_mask": None, "ssim_mask": None}
-    inner = out[..., crop:-crop, crop:-crop] if crop else out
-    if min(inner.shape[-2:]) >= 96:  # NIQE scores 96x96 blocks: smaller images have none
-        row["niqe"] = niqe(to_uint8(inner)[0])
+    try:  # NIQE fits a Gaussian to the image's 96x96 blocks: small crops have too few, and get no score
+        row["niqe"] = niqe(to_uint8(out)[0], crop_border=crop)
+    except ValueError:
+        pass
     if mask is not None:
         row.update(masked_scores(out, gt, mask, crop))
     if lpips is not None:

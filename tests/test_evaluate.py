@@ -178,17 +178,17 @@ def test_known_mask_fill_repairs_and_old_csv_is_upgraded(tmp_path):
         assert float(rows[image, "fill"]["psnr"]) > float(rows[image, "damaged"]["psnr"])
     assert json.loads((out / "run.json").read_text())["methods"]["fill"] == {"method": "fill", "mask": "known"}
 
-    # a results.csv from before the mask columns existed is read, upgraded, and its rows kept
+    # a results.csv from before the mask and NIQE columns existed is read, upgraded, and its rows kept
     old = tmp_path / "old"
     old.mkdir()
     lines = (out / "results.csv").read_text().splitlines()
-    (old / "results.csv").write_text("\n".join(",".join(line.split(",")[:-2]) for line in lines) + "\n")
+    (old / "results.csv").write_text("\n".join(",".join(line.split(",")[:-3]) for line in lines) + "\n")
     (old / "run.json").write_bytes((out / "run.json").read_bytes())
     assert evaluate.main([*TINY, "--out", str(old), "--setting", "cracks-paint", "--known-mask", "--method", "fill",
                           "--gt-crop", "128"]) == 0
     upgraded = read(old)
-    assert len(upgraded) == 4 and all(r["psnr_mask"] == "" for r in upgraded)
-    assert (old / "results.csv").read_text().splitlines()[0].endswith(",psnr_mask,ssim_mask")
+    assert len(upgraded) == 4 and all(r["psnr_mask"] == "" and r["niqe"] == "" for r in upgraded)
+    assert (old / "results.csv").read_text().splitlines()[0].endswith(",psnr_mask,ssim_mask,niqe")
 
 
 @pytest.mark.parametrize("argv, problem", [
@@ -200,3 +200,21 @@ def test_methods_must_fit_the_setting(tmp_path, capsys, argv, problem):
     with pytest.raises(SystemExit):
         evaluate.main(["--gt", str(IMAGES), "--out", str(tmp_path), *argv])
     assert problem in capsys.readouterr().err
+
+
+def test_stage1_methods_with_niqe(tmp_path):
+    """A real stage-1 network alone and in front of the tiny SUPIR; NIQE on 256 px crops (2 x 2 blocks)."""
+    out = tmp_path / "s1"
+    argv = [*TINY, "--gt-crop", "256", "--out", str(out), "--method", "realesr-animevideov3",
+            "realesr-animevideov3+supir"]
+    assert evaluate.main(argv) == 0
+    rows = {(r["image"], r["method"]): r for r in read(out)}
+    for image in ("astronaut.png", "coffee.png"):
+        net, base = rows[image, "realesr-animevideov3"], rows[image, "bicubic"]
+        assert 2 < float(net["niqe"]) < 30 and float(base["niqe"]) > 0
+        assert abs(float(net["psnr"]) - float(base["psnr"])) < 6  # a real restorer, not noise
+        assert (image, "realesr-animevideov3+supir") in rows
+    config = json.loads((out / "run.json").read_text())["methods"]
+    assert config["realesr-animevideov3"] == {"method": "stage1", "model": "realesr-animevideov3"}
+    assert config["realesr-animevideov3+supir"]["stage1"] == "realesr-animevideov3"
+    assert "NIQE" in (out / "summary.md").read_text()
