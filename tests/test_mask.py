@@ -54,7 +54,7 @@ def scores(photos):
 def test_detector_finds_synthetic_cracks_and_scratches(scores):
     # Measured (default MaskParams): recall / precision astronaut 0.71 / 0.56, coffee 0.57 / 0.43,
     # motorcycle 0.46 / 0.41, rocket 0.81 / 0.55; mean 0.64 / 0.49. Textured photos (machinery, wood grain,
-    # specular rims) contain real thin lines the detector cannot tell from damage: see the README.
+    # specular rims) contain real thin lines the detector cannot tell from damage: see docs/repair.md.
     for name, (rec, prec, _) in scores.items():
         assert rec >= 0.42 and prec >= 0.38, (name, rec, prec)
     assert np.mean([s[0] for s in scores.values()]) >= 0.6
