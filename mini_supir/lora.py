@@ -826,7 +826,7 @@ def _plan(model, groups, lookup, configs, wrapped) -> tuple[list, list[str], int
 def load_lora(model: nn.Module, path: str | Path | dict, name: str = "default", scale: float = 1.0,
               merge: bool = False, strict: bool = True) -> list[str]:
     """Add adapter `name` to `model` from a kohya or diffusers / PEFT LoRA file, a PEFT adapter folder
-    (or a state dict). See the README's "File formats" for every spelling read.
+    (or a state dict). See docs/lora.md, "File formats", for every spelling read.
 
     `model` is a SUPIR / SDXL tree, a ControlledUNet or a bare UNet (see model_parts). Stack LoRAs by
     loading each under its own name, each with its own `scale`. `merge=True` folds it into the weights.
