@@ -35,7 +35,6 @@ import gc
 import io
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -55,6 +54,7 @@ from mini_supir import pipeline, repair, stage1, supir
 from mini_supir.degrade import IMAGE_SUFFIXES, SETTINGS, Damage, damage, degrade, image_seed, load_image, modcrop, \
     quantize, save_image, to_uint8, upsample
 from mini_supir.metrics import LPIPS, psnr, ssim, ssim_map
+from mini_supir.images import atomic_write
 from mini_supir.niqe import niqe
 
 OLD_COLUMNS = ["image", "method", "setting", "height", "width", "psnr", "ssim", "psnr_y", "ssim_y", "lpips",
@@ -353,9 +353,7 @@ def format_row(row: dict) -> dict[str, str]:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def check_run(path: Path, run: dict) -> dict:

@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import io
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .images import atomic_write
 from .mask import synthesize_damage
 
 # --------------------------------------------------------------------------------------------------
@@ -402,10 +402,8 @@ def to_uint8(img: torch.Tensor) -> np.ndarray:
 
 def save_image(img: torch.Tensor, path: str | Path) -> None:
     """Write a (1, 3, H, W) or (3, H, W) image in [0, 1] as PNG, atomically (temporary file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(to_uint8(img.reshape(-1, *img.shape[-3:]))[0]).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    im = Image.fromarray(to_uint8(img.reshape(-1, *img.shape[-3:]))[0])
+    atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
 
 
 def image_seed(seed: int, name: str) -> int:

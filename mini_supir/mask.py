@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -36,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from .images import atomic_write
 
 # ----------------------------------------------------------------------------------------------------------
 # parameters
@@ -434,12 +435,7 @@ def save_image(x: torch.Tensor, path) -> None:
     a = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     im = Image.fromarray(a if a.ndim == 2 else a.transpose(1, 2, 0))
     fmt = _image_format(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        im.save(tmp, format=fmt)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: im.save(tmp, format=fmt))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from . import colorfix, repair, supir
-from .devices import DTYPES, parse_dtype, pick_device
+from .devices import DTYPES, parse_dtype, pick_device  # noqa: F401 (DTYPES re-exported)
 from .images import (GREY_MODES, MAX_INPUT_PIXELS, ImageError, read_png_info, save_png,  # noqa: F401 (re-exported)
                      split_alpha)
 from .images import open_image as _open_image

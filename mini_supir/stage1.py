@@ -10,7 +10,6 @@ reflect-padded for the pixel-unshuffle of the x2 / x1 models; alpha run through 
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
