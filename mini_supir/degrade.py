@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import atomic_write
+from .images import atomic_write, open_image, split_alpha, to_tensor
 from .mask import synthesize_damage
 
 # --------------------------------------------------------------------------------------------------
@@ -389,10 +389,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def load_image(path: str | Path) -> torch.Tensor:
-    """(1, 3, H, W) float32 in [0, 1] from an image file (grey / alpha converted to RGB)."""
-    with Image.open(path) as im:
-        array = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 255
+    """(1, 3, H, W) float32 in [0, 1] from an image file: images.open_image (size checked from the header,
+    EXIF orientation), 8- or 16-bit grey to RGB, alpha dropped."""
+    return to_tensor(split_alpha(open_image(path), background=None)[0])
 
 
 def to_uint8(img: torch.Tensor) -> np.ndarray:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import atomic_write
+from .images import atomic_write, open_image, split_alpha, to_tensor
 
 # ----------------------------------------------------------------------------------------------------------
 # parameters
@@ -396,10 +396,8 @@ def synthesize_damage(img: torch.Tensor, generator: torch.Generator | int | None
 
 
 def load_image(path) -> torch.Tensor:
-    """RGB image file -> (3, H, W) float in [0, 1]."""
-    with Image.open(path) as im:
-        a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(a).permute(2, 0, 1).contiguous()
+    """Image file -> (3, H, W) float in [0, 1] (images.open_image: header size check, 16-bit grey, EXIF)."""
+    return to_tensor(split_alpha(open_image(path), background=None)[0])[0]
 
 
 def load_mask(path, size: tuple[int, int]) -> torch.Tensor:

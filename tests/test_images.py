@@ -40,3 +40,15 @@ def test_size_is_refused_from_the_header(tmp_path):
     with pytest.raises(images.ImageError, match="too large"):
         images.open_image(tmp_path / "big.png", refuse)
     assert seen == [(3000, 2000)]
+
+
+def test_every_tool_reads_16_bit_grey(tmp_path):
+    """degrade.load_image (train.py, evaluate.py, the degrade CLI) and mask.load_image: not pure white."""
+    import numpy as np
+    from mini_supir import degrade, mask
+    ramp = (np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 21)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    expected = np.round(ramp / 257) / 255
+    for x in (degrade.load_image(tmp_path / "g16.png")[0], mask.load_image(tmp_path / "g16.png")):
+        assert x.shape == (3, 48, 64)
+        assert np.abs(x[1].numpy() - expected).max() < 1e-6
