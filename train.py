@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from mini_supir import degrade, lora, repair, supir
+from mini_supir import degrade, lora, repair, stage1_train, supir
 from mini_supir.sampler import Denoiser
 from mini_supir.train_utils import (DEGRADATIONS, MASK_WEIGHT, REPAIR_DEGRADATIONS, Crops, DataError, Order, atomic,
                                     collate, frobenius, learning_rate, mix, plot_loss, read_log, rng_state,
@@ -86,7 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=sorted(supir.PRESETS), default="sdxl",
-                   help="architecture; tiny / medium without weight files = seeded random weights (smoke test)")
+                   help="architecture; tiny / medium without weight files = seeded random weights (smoke test); "
+                        "a stage-1 restorer name (realesrgan-x4plus, ...) trains a LoRA on it instead "
+                        "(its options: train.py --model realesrgan-x4plus --help)")
     m.add_argument("--sdxl", help="SDXL single file: path, registry name or repo_id/filename; --model sdxl: 'sdxl'")
     m.add_argument("--supir", help="SUPIR file: path, Q, F or repo_id/filename; --model sdxl: 'Q'")
     m.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
@@ -509,6 +511,9 @@ class Trainer:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if stage1_train.wants(argv):  # a stage-1 restorer: its own, much smaller trainer and options
+        return stage1_train.main(argv)
     args = parse_args(argv)
     try:
         trainer = Trainer(args)
