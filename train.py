@@ -4,6 +4,7 @@
     python train.py --data photos/ --model tiny --resolution 64 --max-steps 50 --out /tmp/smoke   # CPU, seconds
     python -m torch.distributed.run --nproc_per_node 8 train.py --data photos/ ...   # multi-GPU (or gloo on CPU)
     python train.py --data photos/ --task repair --out runs/repair    # cracks / scratches / missing paint
+    python train.py --model realesrgan-x4plus --data photos/ --val-data held_out/   # LoRA on a stage-1 net
 
 Each step: random HQ crops from the folder, degraded online (degrade.py, seeded), and SUPIR's training loss
 (sgm StandardDiffusionLoss with SUPIR's control input):
@@ -23,6 +24,7 @@ run writes goes to --out: train_log.csv, loss_curve.png, previews/, checkpoint.p
 bit for bit) and, at the end, lora.safetensors in kohya's format. See docs/training.md.
 
 Data set, order, objective and file helpers live in mini_supir/train_utils.py; this file is the run itself.
+A --model naming a stage-1 restorer (mini_supir/stage1.py) is handed to mini_supir/stage1_train.py instead.
 """
 from __future__ import annotations
 
