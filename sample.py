@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mini_supir import mask as masks
-from mini_supir import images, pipeline, repair, stage1, supir
+from mini_supir import images, lora, pipeline, repair, stage1, supir
 from mini_supir.pipeline import ImageError, RestoreError, RestoreSettings, Restorer
 from mini_supir.weights import CheckpointError, resolve
 
@@ -108,7 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--sdxl", help="SDXL single file: path, registry name or repo_id/filename (default: sdxl)")
     m.add_argument("--supir", help="SUPIR file: path, Q, F or repo_id/filename (default: Q, F with --fidelity)")
     m.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="FILE[:SCALE]",
-                   help="LoRA file, PEFT adapter folder or hub spec merged into the model, SCALE default 1 (repeatable)")
+                   help="LoRA file, PEFT adapter folder or hub spec merged into the model, SCALE default 1 (repeatable); "
+                        "a stage-1 LoRA (train.py --model realesrgan-x4plus) goes into the --stage1 network")
     m.add_argument("--lora-strict", choices=["on", "off"], default="on",
                    help="on (default): a LoRA with keys we cannot apply is an error; off: apply what fits, "
                         "print one warning line listing what was skipped")
@@ -182,7 +183,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.stage1_only:
         args.stage1 = args.stage1 or "realesrgan-x4plus"
-        supir_only = [d for d in [*OVERRIDES, "mode", "sdxl", "supir", "lora", "prompt", "repair", "mask"]
+        supir_only = [d for d in [*OVERRIDES, "mode", "sdxl", "supir", "prompt", "repair", "mask"]
                       if d != "upscale" and getattr(args, d) not in (None, False, [], "")]
         if supir_only:
             option = {"mode": "quality / --fidelity"}.get(supir_only[0], supir_only[0].replace("_", "-"))
@@ -331,15 +332,41 @@ def build_restorer(args: argparse.Namespace, device: str) -> tuple[Restorer, dic
                       "vae_dtype": str(restorer.vae_dtype).removeprefix("torch.")}
 
 
-def build_upscaler(args: argparse.Namespace, device: str) -> tuple[stage1.Upscaler, dict]:
-    """The --stage1 network, and what the PNG metadata records of it; raises WeightsError."""
+def split_loras(args: argparse.Namespace) -> list[tuple[Path, float]]:
+    """The --lora files made for a stage-1 network (train.py --model realesrgan-x4plus: their keys and
+    metadata say so), taken out of args.lora, which keeps the SUPIR ones; raises WeightsError."""
+    ours, supir_loras = [], []
+    for spec, scale in args.lora:
+        try:
+            path = resolve(spec)
+            parts = lora.lora_parts(path)
+        except (CheckpointError, OSError, ValueError) as e:
+            raise WeightsError(spec, one_line(e)) from None
+        if parts == {"stage1"}:
+            if not args.stage1:
+                raise WeightsError(spec, "a LoRA for a stage-1 network: give that network with --stage1 NAME or --stage1-only")
+            ours.append((path, scale))
+        elif "stage1" in parts:
+            raise WeightsError(spec, f"mixes stage-1 and SUPIR adapters ({', '.join(sorted(parts))}): not one network's LoRA")
+        elif args.stage1_only:
+            raise WeightsError(spec, f"a SUPIR LoRA ({', '.join(sorted(parts))}): --stage1-only runs only the stage-1 network")
+        else:
+            supir_loras.append((spec, scale))
+    args.lora = supir_loras
+    return ours
+
+
+def build_upscaler(args: argparse.Namespace, device: str, loras=()) -> tuple[stage1.Upscaler, dict]:
+    """The --stage1 network with its LoRAs merged, and what the PNG metadata records of it; raises WeightsError."""
     try:
-        up = stage1.Upscaler.load(args.stage1, device=device, dtype=args.dtype, tile=args.stage1_tile,
+        up = stage1.Upscaler.load(args.stage1, loras, device=device, dtype=args.dtype, tile=args.stage1_tile,
                                   tile_pad=args.stage1_tile_pad)
-    except (CheckpointError, ValueError, OSError) as e:
-        raise WeightsError(args.stage1, one_line(e)) from None
+    except (CheckpointError, ValueError, OSError) as e:  # LoRAFileError is a ValueError
+        at_fault = next((str(f) for f, _ in loras if Path(f).name in str(e)), args.stage1)
+        raise WeightsError(at_fault, one_line(e)) from None
     return up, {"stage1": {"model": args.stage1, "file": str(up.file), "scale": up.scale, "tile": up.tile,
-                           "tile_pad": up.tile_pad, "dtype": str(up.dtype).removeprefix("torch.")}}
+                           "tile_pad": up.tile_pad, "dtype": str(up.dtype).removeprefix("torch."),
+                           "loras": [[str(f), s] for f, s in loras]}}
 
 
 def upscale_only(up: stage1.Upscaler, f: Path, path: Path, args: argparse.Namespace, info: dict) -> list[Path]:
@@ -434,7 +461,8 @@ def main(argv=None) -> int:
         return 1 if failed else 0
 
     try:
-        up, stage1_info = build_upscaler(args, device) if args.stage1 else (None, {})
+        stage1_loras = split_loras(args)
+        up, stage1_info = build_upscaler(args, device, stage1_loras) if args.stage1 else (None, {})
         if args.stage1_only:
             return upscale_all(up, todo, names, out, args, stage1_info, failed)
         restorer, model_info = build_restorer(args, device)

@@ -4,6 +4,7 @@
     python train.py --data photos/ --model tiny --resolution 64 --max-steps 50 --out /tmp/smoke   # CPU, seconds
     python -m torch.distributed.run --nproc_per_node 8 train.py --data photos/ ...   # multi-GPU (or gloo on CPU)
     python train.py --data photos/ --task repair --out runs/repair    # cracks / scratches / missing paint
+    python train.py --model realesrgan-x4plus --data photos/ --val-data held_out/   # LoRA on a stage-1 net
 
 Each step: random HQ crops from the folder, degraded online (degrade.py, seeded), and SUPIR's training loss
 (sgm StandardDiffusionLoss with SUPIR's control input):
@@ -23,6 +24,7 @@ run writes goes to --out: train_log.csv, loss_curve.png, previews/, checkpoint.p
 bit for bit) and, at the end, lora.safetensors in kohya's format. See docs/training.md.
 
 Data set, order, objective and file helpers live in mini_supir/train_utils.py; this file is the run itself.
+A --model naming a stage-1 restorer (mini_supir/stage1.py) is handed to mini_supir/stage1_train.py instead.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from mini_supir import degrade, lora, repair, supir
+from mini_supir import degrade, lora, repair, stage1_train, supir
 from mini_supir.sampler import Denoiser
 from mini_supir.train_utils import (DEGRADATIONS, MASK_WEIGHT, REPAIR_DEGRADATIONS, Crops, DataError, Order, atomic,
                                     collate, frobenius, learning_rate, mix, plot_loss, read_log, rng_state,
@@ -86,7 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=sorted(supir.PRESETS), default="sdxl",
-                   help="architecture; tiny / medium without weight files = seeded random weights (smoke test)")
+                   help="architecture; tiny / medium without weight files = seeded random weights (smoke test); "
+                        "a stage-1 restorer name (realesrgan-x4plus, ...) trains a LoRA on it instead "
+                        "(its options: train.py --model realesrgan-x4plus --help)")
     m.add_argument("--sdxl", help="SDXL single file: path, registry name or repo_id/filename; --model sdxl: 'sdxl'")
     m.add_argument("--supir", help="SUPIR file: path, Q, F or repo_id/filename; --model sdxl: 'Q'")
     m.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
@@ -509,6 +513,9 @@ class Trainer:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if stage1_train.wants(argv):  # a stage-1 restorer: its own, much smaller trainer and options
+        return stage1_train.main(argv)
     args = parse_args(argv)
     try:
         trainer = Trainer(args)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .esrgan import RRDBNet, SRVGGNetCompact
 from .text import MultiheadSelfAttention
 from .unet import UNetConfig
 
@@ -509,15 +510,20 @@ PARTS = {
     "control": _Part("lora_control_", None, ("model.control_model", "control_model")),
     "te1": _Part("lora_te1_", "text_encoder.", ("conditioner.embedders.0.transformer",)),
     "te2": _Part("lora_te2_", "text_encoder_2.", ("conditioner.embedders.1.model",)),
+    # a stage-1 pixel restorer (esrgan.py) given as the root: its convs under BasicSR's module names
+    "stage1": _Part("lora_stage1_", None, ()),
 }
+STAGE1_NETS = (RRDBNet, SRVGGNetCompact)
 
 
 def model_parts(root: nn.Module) -> dict[str, str]:
     """Part name -> module path under `root` ('' = root itself) of the parts LoRA files address.
 
     `root` may be a whole SUPIR / SDXL tree, a ControlledUNet, or a bare UNet / GLVControl / any module
-    (a bare module other than the control encoder counts as the UNet).
+    (a bare module other than the control encoder counts as the UNet), or a stage-1 network (esrgan.py).
     """
+    if isinstance(root, STAGE1_NETS):
+        return {"stage1": ""}
     found = {}
     for part, spec in PARTS.items():
         for path in spec.paths:
@@ -650,6 +656,26 @@ def _addnet_hashes(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> tup
     return hashlib.sha256(blob[header:]).hexdigest(), hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
 
 
+_SDXL_SPEC = {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+              "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+              "modelspec.resolution": "1024x1024", "modelspec.prediction_type": "epsilon"}
+
+
+def _stage1_spec(base_model: str) -> dict[str, str]:
+    # no resolution / prediction type: a pixel restorer is fully convolutional and predicts pixels
+    return {"modelspec.architecture": f"{base_model}/lora", "ss_base_model": base_model,
+            "modelspec.implementation": "https://github.com/xinntao/Real-ESRGAN"}
+
+
+def lora_parts(path: str | Path) -> set[str]:
+    """The model parts ('unet', 'te1', 'stage1', ...) a LoRA file is for: our files name them in their
+    metadata; other files are SDXL ones (their keys never start with lora_stage1_)."""
+    tensors, metadata = read_lora(path)
+    if "mini_supir.parts" in metadata:
+        return set(json.loads(metadata["mini_supir.parts"]))
+    return {"stage1"} if all(k.startswith(PARTS["stage1"].kohya) for k in tensors) else {"unet"}
+
+
 def save_lora(model: nn.Module, path: str | Path, name: str = "default", metadata: dict | None = None,
               dtype: torch.dtype | None = None, base_model: str = "sdxl_base_v1-0") -> dict[str, str]:
     """Write adapter `name` as a kohya safetensors file that ComfyUI / A1111 load; returns the metadata.
@@ -680,11 +706,8 @@ def save_lora(model: nn.Module, path: str | Path, name: str = "default", metadat
         "ss_base_model_version": base_model,
         "ss_v2": "False",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": name,
-        "modelspec.resolution": "1024x1024",
-        "modelspec.prediction_type": "epsilon",
+        **(_stage1_spec(base_model) if "stage1" in model_parts(model) else _SDXL_SPEC),
         "modelspec.date": datetime.datetime.now().isoformat(timespec="seconds"),
         "mini_supir.adapter": name,
         "mini_supir.targets": json.dumps(sorted({layer.lora[name].target for layer in layers if layer.lora[name].target})),

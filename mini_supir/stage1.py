@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import esrgan, ncnn
+from . import esrgan, lora, ncnn
 from .devices import parse_dtype, pick_device
 from .images import GREY_MODES, ImageError, from_tensor, split_alpha, to_tensor
 from .weights import WEIGHTS_DIR, CheckpointError, load_into, read_state_dict
@@ -151,8 +151,12 @@ class Upscaler:
         self.tile, self.tile_pad = tile, tile_pad
 
     @classmethod
-    def load(cls, spec: str | os.PathLike, **kw) -> "Upscaler":
+    def load(cls, spec: str | os.PathLike, loras: tuple[tuple[str | Path, float], ...] = (), **kw) -> "Upscaler":
+        """`loras`: (LoRA file, scale) pairs for this network (train.py --model <name>), stacked and merged
+        while the weights are float32, before any cast: inference then costs what the base network does."""
         net, scale, path = load_network(spec)
+        for i, (file, strength) in enumerate(loras):
+            lora.load_lora(net, file, name=f"lora{i}", scale=strength, merge=True)
         return cls(net, scale, str(spec), path, **kw)
 
     @property

@@ -96,9 +96,9 @@ class Crops(torch.utils.data.Dataset):
     Every random choice comes from the item's seed, so an item is the same in any worker, run or resume."""
 
     def __init__(self, files: list[Path], captions: list[str], resolution: int, degradation: Degradation,
-                 caption_dropout: float):
+                 caption_dropout: float, flip: bool = False):
         self.files, self.captions, self.resolution = files, captions, resolution
-        self.degradation, self.caption_dropout = degradation, caption_dropout
+        self.degradation, self.caption_dropout, self.flip = degradation, caption_dropout, flip
 
     def __len__(self):
         return len(self.files)
@@ -122,7 +122,11 @@ class Crops(torch.utils.data.Dataset):
             h, w = img.shape[-2:]
         top = int(torch.randint(h - r + 1, (), generator=g))
         left = int(torch.randint(w - r + 1, (), generator=g))
-        return img[..., top:top + r, left:left + r]
+        crop = img[..., top:top + r, left:left + r]
+        if self.flip:  # drawn only when on, so runs without flips keep their crops
+            dims = [d for d in (-1, -2) if torch.rand((), generator=g).item() < 0.5]  # horizontal, vertical
+            crop = crop.flip(dims) if dims else crop
+        return crop
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, seed = key
@@ -226,10 +230,10 @@ def read_log(path: Path, upto: int | None = None) -> list[dict]:
         return [r for r in csv.DictReader(f) if upto is None or int(r["step"]) <= upto]
 
 
-def write_log(path: Path, rows: list[dict]) -> None:
+def write_log(path: Path, rows: list[dict], fields: list[str] = LOG_FIELDS) -> None:
     def write(tmp):
         with open(tmp, "w", newline="") as f:
-            out = csv.DictWriter(f, LOG_FIELDS)
+            out = csv.DictWriter(f, fields)
             out.writeheader()
             out.writerows(rows)
     atomic(path, write)
