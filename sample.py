@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mini_supir import mask as masks
-from mini_supir import images, lora, pipeline, repair, stage1, supir
+from mini_supir import images, lora_files, pipeline, repair, stage1, supir
 from mini_supir.pipeline import ImageError, RestoreError, RestoreSettings, Restorer
 from mini_supir.weights import CheckpointError, resolve
 
@@ -339,7 +339,7 @@ def split_loras(args: argparse.Namespace) -> list[tuple[Path, float]]:
     for spec, scale in args.lora:
         try:
             path = resolve(spec)
-            parts = lora.lora_parts(path)
+            parts = lora_files.lora_parts(path)
         except (CheckpointError, OSError, ValueError) as e:
             raise WeightsError(spec, one_line(e)) from None
         if parts == {"stage1"}:

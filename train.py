@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from mini_supir import degrade, lora, repair, stage1_train, supir
+from mini_supir import degrade, lora, lora_files, repair, stage1_train, supir
 from mini_supir.sampler import Denoiser
 from mini_supir.train_utils import (DEGRADATIONS, MASK_WEIGHT, REPAIR_DEGRADATIONS, Crops, DataError, Order, atomic,
                                     collate, frobenius, learning_rate, mix, plot_loss, read_log, rng_state,
@@ -375,7 +375,7 @@ class Trainer:
                                                    "ema_weights": self.ema is not None})}
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.save_precision]
         self.swap_ema()
-        atomic(self.out / "lora.safetensors", lambda tmp: lora.save_lora(self.model, tmp, "default", meta, dtype))
+        atomic(self.out / "lora.safetensors", lambda tmp: lora_files.save_lora(self.model, tmp, "default", meta, dtype))
         self.swap_ema()
 
     @torch.no_grad()

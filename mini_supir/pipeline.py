@@ -277,7 +277,7 @@ class Restorer:
                    loras: tuple[tuple[str | Path, float], ...] = (), lora_strict: bool = True,
                    **placement) -> "Restorer":
         """Official single files (local paths or hub specs, see weights.resolve) plus LoRAs merged in
-        (`lora_strict=False`: what fits of each, the rest skipped with a warning; see lora.load_lora).
+        (`lora_strict=False`: what fits of each, the rest skipped with a warning; see lora_files.load_lora).
         The tensors are cast as they are read, so host RAM holds one copy at the target precision."""
         device = pick_device(placement.pop("device", None))
         dtype, vae_dtype = pick_dtypes(device, placement.pop("dtype", None), placement.pop("vae_dtype", None))
@@ -300,7 +300,7 @@ class Restorer:
 
     @staticmethod
     def _merge_loras(model: supir.SUPIR, loras, strict: bool = True) -> None:
-        from .lora import load_lora
+        from .lora_files import load_lora
         from .weights import resolve
         for i, (path, scale) in enumerate(loras):
             load_lora(model, resolve(path), name=f"lora{i}", scale=scale, merge=True, strict=strict)

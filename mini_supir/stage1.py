@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import esrgan, lora, ncnn
+from . import esrgan, lora_files, ncnn
 from .devices import parse_dtype, pick_device
 from .images import GREY_MODES, ImageError, from_tensor, split_alpha, to_tensor
 from .weights import WEIGHTS_DIR, CheckpointError, load_into, read_state_dict
@@ -156,7 +156,7 @@ class Upscaler:
         while the weights are float32, before any cast: inference then costs what the base network does."""
         net, scale, path = load_network(spec)
         for i, (file, strength) in enumerate(loras):
-            lora.load_lora(net, file, name=f"lora{i}", scale=strength, merge=True)
+            lora_files.load_lora(net, file, name=f"lora{i}", scale=strength, merge=True)
         return cls(net, scale, str(spec), path, **kw)
 
     @property

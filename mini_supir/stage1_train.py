@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from . import degrade, esrgan, lora, metrics, stage1
+from . import degrade, esrgan, lora, lora_files, metrics, stage1
 from .niqe import niqe
 from .train_utils import (Crops, DataError, Order, atomic, collate, learning_rate, mix, plot_loss, read_log,
                           scan_folder, write_log)
@@ -318,7 +318,7 @@ class Stage1Trainer:
         path = self.out / "lora.safetensors"
         self.swap_ema()
         try:
-            atomic(path, lambda tmp: lora.save_lora(self.net, tmp, "default", meta, dtype, base_model=a.model))
+            atomic(path, lambda tmp: lora_files.save_lora(self.net, tmp, "default", meta, dtype, base_model=a.model))
         finally:
             self.swap_ema()
         return path

@@ -23,14 +23,14 @@ def one_thread():
 @pytest.fixture(scope="session")
 def style_lora(tmp_path_factory):
     """A LoRA file for the tiny UNet's attention, large enough to change a restoration."""
-    from mini_supir import lora, supir
+    from mini_supir import lora, lora_files, supir
     path = tmp_path_factory.mktemp("lora") / "style.safetensors"
     model = supir.build(supir.TINY, "cpu")
     lora.inject_lora(model.model.diffusion_model, "style", rank=4, targets=lora.ATTENTION)
     with torch.no_grad():
         for p in lora.lora_parameters(model.model.diffusion_model, "style"):
             p.normal_(0, 0.5)
-    lora.save_lora(model, path, "style")
+    lora_files.save_lora(model, path, "style")
     return path
 
 

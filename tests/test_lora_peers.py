@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peer_base
-from mini_supir.lora import (load_lora, lora_layers, merge_lora, read_lora, remove_lora, save_lora, set_lora_scale,
-                             unmerge_lora)
+from mini_supir.lora import lora_layers, merge_lora, remove_lora, set_lora_scale, unmerge_lora
+from mini_supir.lora_files import load_lora, read_lora, save_lora
 from mini_supir.text import TINY_CLIP, MultiheadSelfAttention
 from mini_supir.unet import timestep_embedding
 from mini_supir.weights import check_keys

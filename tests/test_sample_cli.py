@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sample  # noqa: E402
-from mini_supir import lora, pipeline, supir  # noqa: E402
+from mini_supir import lora, lora_files, pipeline, supir  # noqa: E402
 from mini_supir.pipeline import RestoreSettings  # noqa: E402
 
 SUPIR_PREFIXES = ("model.control_model.", "model.diffusion_model.project_modules.", "first_stage_model.denoise_encoder.")
@@ -34,7 +34,7 @@ def weights(tmp_path_factory):
     with torch.no_grad():
         for p in lora.lora_parameters(model.model.diffusion_model, "style"):
             p.normal_(0, 0.5)
-    lora.save_lora(model, d / "style.safetensors", "style")
+    lora_files.save_lora(model, d / "style.safetensors", "style")
     return d
 
 
@@ -159,7 +159,7 @@ def test_lora_changes_the_result(capsys, weights, images, tmp_path):
 
 
 def test_lora_strict_off_applies_what_fits_and_says_what_it_skipped(capsys, weights, images, tmp_path):
-    tensors, _ = lora.read_lora(weights / "style.safetensors")
+    tensors, _ = lora_files.read_lora(weights / "style.safetensors")
     stem = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
     tensors[stem + ".hada_w1_a"] = torch.zeros(2, 64)  # a LoHa tensor among plain LoRA ones
     save_file(tensors, tmp_path / "mixed.safetensors")

@@ -16,7 +16,7 @@ from safetensors import safe_open
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from mini_supir import esrgan, lora, stage1, stage1_train  # noqa: E402
+from mini_supir import esrgan, lora, lora_files, stage1, stage1_train  # noqa: E402
 
 IMAGES = ROOT.parent / "shared" / "images"
 TINY = esrgan.RRDBConfig(num_feat=8, num_block=2, num_grow_ch=4)
@@ -107,11 +107,11 @@ def test_resume_repeats_the_run_bit_for_bit_and_the_file_merges(tmp_path):
         meta, keys = f.metadata(), list(f.keys())
     assert meta["ss_base_model"] == "realesrgan-x4plus" and meta["modelspec.architecture"] == "realesrgan-x4plus/lora"
     assert len(keys) == 3 * 351 and all(k.startswith("lora_stage1_") for k in keys)
-    assert "lora_stage1_body_0_rdb1_conv1.lora_down.weight" in keys and lora.lora_parts(file) == {"stage1"}
+    assert "lora_stage1_body_0_rdb1_conv1.lora_down.weight" in keys and lora_files.lora_parts(file) == {"stage1"}
     x = torch.rand(1, 3, 12, 12)
     live, merged = (stage1.load_network("realesrgan-x4plus")[0] for _ in range(2))
-    lora.load_lora(live, file)
-    lora.load_lora(merged, file, merge=True)
+    lora_files.load_lora(live, file)
+    lora_files.load_lora(merged, file, merge=True)
     with torch.no_grad():
         out, ref = live(x), merged(x)
         base = stage1.load_network("realesrgan-x4plus")[0](x)
@@ -124,15 +124,15 @@ def test_saved_file_round_trips_exactly():
     with torch.no_grad():
         for p in lora.lora_parameters(net):
             p.normal_(0, 0.1)
-    sd = lora.lora_state_dict(net)
+    sd = lora_files.lora_state_dict(net)
     fresh = tiny_net()
-    assert len(lora.load_lora(fresh, sd)) == 30
+    assert len(lora_files.load_lora(fresh, sd)) == 30
     x = torch.rand(1, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(fresh(x), net(x))
     unet_lora = {"lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight": torch.zeros(4, 8, 3, 3)}
     with pytest.raises(lora.LoRAFileError, match=r"match no layer of this model \(parts present: \['stage1'\]"):
-        lora.load_lora(tiny_net(), unet_lora)
+        lora_files.load_lora(tiny_net(), unet_lora)
 
 
 def cli(script, *argv):
@@ -148,7 +148,7 @@ def test_sample_applies_a_stage1_lora_and_refuses_a_unet_one(tmp_path, x4plus):
         with torch.no_grad():
             for p in lora.lora_parameters(x4plus, "default"):
                 p.normal_(0, 0.02)
-        lora.save_lora(x4plus, tmp_path / "s1.safetensors", base_model="realesrgan-x4plus")
+        lora_files.save_lora(x4plus, tmp_path / "s1.safetensors", base_model="realesrgan-x4plus")
     finally:
         lora.remove_lora(x4plus)
     common = ["--image", tmp_path / "p.png", "--stage1-only"]
@@ -157,7 +157,7 @@ def test_sample_applies_a_stage1_lora_and_refuses_a_unet_one(tmp_path, x4plus):
     assert code == 0, err
     a, b = (torch.tensor(np.asarray(Image.open(tmp_path / d / "p.png")), dtype=torch.float) for d in ("base", "lora"))
     assert (a - b).abs().mean() > 0.5
-    lora.save_lora(_unet_with_lora(), tmp_path / "unet.safetensors")
+    lora_files.save_lora(_unet_with_lora(), tmp_path / "unet.safetensors")
     code, err = cli("sample.py", *common, "--lora", tmp_path / "unet.safetensors", "--out", tmp_path / "x")
     assert code == 1 and err[-1].endswith("a SUPIR LoRA (unet): --stage1-only runs only the stage-1 network"), err
     code, err = cli("sample.py", "--image", tmp_path / "p.png", "--model", "tiny", "--lora", tmp_path / "s1.safetensors")

@@ -15,7 +15,7 @@ from safetensors import safe_open
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from mini_supir import lora, supir  # noqa: E402
+from mini_supir import lora_files, supir  # noqa: E402
 from mini_supir.train_utils import Order  # noqa: E402
 
 IMAGES = ROOT.parent / "shared" / "images"
@@ -52,7 +52,7 @@ def test_tiny_model_overfits_four_photos(tmp_path):
         assert meta["ss_network_dim"] == "16" and meta["ss_steps"] == "40" and meta["ss_num_train_images"] == "4"
         assert f.get_tensor(next(k for k in f.keys() if k.endswith("lora_up.weight"))).dtype == torch.float16
     fresh = supir.build(supir.TINY, "cpu")
-    paths = lora.load_lora(fresh, out / "lora.safetensors")
+    paths = lora_files.load_lora(fresh, out / "lora.safetensors")
     assert any("in_layers" in p for p in paths) and all(p.startswith("model.diffusion_model.") for p in paths)
 
 

@@ -98,7 +98,7 @@ def hf_te2(ours: dict) -> CLIPTextModelWithProjection:
 def diffusers_unet(ours: dict) -> UNet2DConditionModel:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_unet import diffusers_config
-    from mini_supir.lora import _rename
+    from mini_supir.lora_files import _rename
     table = unet_diffusers_names(TINY)
     model = UNet2DConditionModel(**diffusers_config(TINY))
     model.load_state_dict({_rename(k.rpartition(".")[0], table) + "." + k.rpartition(".")[2]
@@ -262,7 +262,7 @@ def check_ours():
     (lora_state_dict + load_lora_into_unet / load_lora_into_text_encoder); prints its max abs error against
     the peer's outputs with the original file. Nothing is written here."""
     import tempfile
-    from mini_supir.lora import load_lora, save_lora
+    from mini_supir.lora_files import load_lora, save_lora
     x = peer_base.inputs()
     tree = peer_base.base_tree()
     ours = {part: m.state_dict() for part, m in tree.parts().items()}
