@@ -50,7 +50,7 @@ from tqdm import tqdm
 from mini_supir import degrade, lora, lora_files, repair, stage1_train, supir
 from mini_supir.sampler import Denoiser
 from mini_supir.train_utils import (DEGRADATIONS, MASK_WEIGHT, REPAIR_DEGRADATIONS, Crops, DataError, Order, atomic,
-                                    collate, frobenius, learning_rate, mix, plot_loss, read_log, rng_state,
+                                    collate, frobenius, learning_rate, mix, optimizer_step, plot_loss, read_log, rng_state,
                                     sample_sigmas, scan_folder, set_rng_state, training_loss, write_log)
 
 try:  # previews only; training never needs the restoration pipeline
@@ -448,13 +448,7 @@ class Trainer:
             flat = self.all_mean(torch.cat([p.grad.flatten() for p in self.params]))
             for p, g in zip(self.params, flat.split([p.numel() for p in self.params])):
                 p.grad.copy_(g.view_as(p))
-        norm = torch.nn.utils.clip_grad_norm_(self.params, a.max_grad_norm if a.max_grad_norm > 0 else float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            with torch.no_grad():
-                for e, p in zip(self.ema, self.params):
-                    e.lerp_(p.detach(), 1 - a.ema)
+        norm = optimizer_step(self.params, self.optimizer, self.ema, a.max_grad_norm, a.ema)
         self.step += 1
         return {"loss": self.all_mean(total).item(), "penalty": penalty.item(), "lr": lr, "grad_norm": norm.item()}
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from . import degrade, esrgan, lora, lora_files, metrics, stage1
 from .niqe import niqe
-from .train_utils import (Crops, DataError, Order, atomic, collate, learning_rate, mix, plot_loss, read_log,
+from .train_utils import (Crops, DataError, Order, atomic, collate, learning_rate, mix, optimizer_step, plot_loss, read_log,
                           scan_folder, write_log)
 from .weights import CheckpointError
 
@@ -182,13 +182,7 @@ class Stage1Trainer:
             (loss / a.grad_accum).backward()
             total += loss.item() / a.grad_accum
             self.position += a.batch_size
-        norm = torch.nn.utils.clip_grad_norm_(self.params, a.max_grad_norm if a.max_grad_norm > 0 else math.inf)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            with torch.no_grad():
-                for e, p in zip(self.ema, self.params):
-                    e.lerp_(p.detach(), 1 - a.ema)
+        norm = optimizer_step(self.params, self.optimizer, self.ema, a.max_grad_norm, a.ema)
         self.step += 1
         return {"loss": total, "penalty": 0.0, "lr": lr, "grad_norm": norm.item()}
 
