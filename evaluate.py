@@ -53,9 +53,11 @@ from mini_supir import mask as masks
 from mini_supir import pipeline, repair, stage1, supir
 from mini_supir.degrade import IMAGE_SUFFIXES, SETTINGS, Damage, damage, degrade, image_seed, load_image, modcrop, \
     quantize, save_image, to_uint8, upsample
-from mini_supir.metrics import LPIPS, psnr, ssim, ssim_map
+from mini_supir.devices import DTYPES, pick_device
 from mini_supir.images import atomic_write
+from mini_supir.metrics import LPIPS, psnr, ssim, ssim_map
 from mini_supir.niqe import niqe
+from mini_supir.weights import CheckpointError
 
 OLD_COLUMNS = ["image", "method", "setting", "height", "width", "psnr", "ssim", "psnr_y", "ssim_y", "lpips",
                "seconds", "peak_mem_mib", "mem_kind"]
@@ -155,9 +157,14 @@ class Stage1Method:
     def device(self) -> torch.device:
         return self.upscaler.device
 
+    def load(self) -> stage1.Upscaler:
+        try:
+            return stage1.Upscaler.load(self.name, device=self.device_name)
+        except (CheckpointError, ValueError) as e:  # run_method reports it as a weights problem of this method
+            raise sample.WeightsError(self.name, sample.one_line(e)) from None
+
     def open(self) -> None:
-        self.upscaler = sample.build_upscaler(argparse.Namespace(stage1=self.name, dtype="auto", stage1_tile=512,
-                                                                 stage1_tile_pad=16), self.device_name)[0]
+        self.upscaler = self.load()
 
     def close(self) -> None:
         self.upscaler = None
@@ -193,7 +200,7 @@ def build_methods(args: argparse.Namespace) -> tuple[dict[str, Method], dict[str
         for method_name, loras in variants:
             restorer_args = argparse.Namespace(model=args.model, sdxl=args.sdxl, supir=args.supir, lora=loras,
                                                dtype=args.dtype, vae_dtype=args.vae_dtype, offload=args.offload,
-                                               mode=args.mode, stage1=first, stage1_tile=512, stage1_tile_pad=16)
+                                               mode=args.mode, stage1=first)
             methods[method_name] = SUPIRMethod(lambda a=restorer_args: two_stage_restorer(a, args.device),
                                                settings, args.seed, args.known_mask)
             configs[method_name] = {"method": "supir", "model": args.model, "sdxl": args.sdxl, "supir": args.supir,
@@ -206,7 +213,7 @@ def two_stage_restorer(args: argparse.Namespace, device: str) -> pipeline.Restor
     """SUPIR, with the --stage1 network in front of it where one is named."""
     restorer = sample.build_restorer(args, device)[0]
     if args.stage1:
-        restorer.pixel_restorer = sample.build_upscaler(args, device)[0]
+        restorer.pixel_restorer = Stage1Method(args.stage1, device).load()
     return restorer
 
 
@@ -672,8 +679,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--steps", type=int, help="sampling steps (default: the preset's)")
     m.add_argument("--min-size", type=int, help="short side SUPIR works at, at least (default: 1024)")
     m.add_argument("--device", default="auto")
-    m.add_argument("--dtype", choices=["auto", *pipeline.DTYPES], default="auto")
-    m.add_argument("--vae-dtype", choices=["auto", *pipeline.DTYPES], default="auto")
+    m.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
+    m.add_argument("--vae-dtype", choices=["auto", *DTYPES], default="auto")
     m.add_argument("--offload", action="store_true", help="each part on the GPU only while it runs")
     args = p.parse_args(argv)
     repairing = isinstance(SETTINGS[args.setting], Damage)
@@ -721,7 +728,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[Path] | None, str | Non
 
 def load_lpips(args: argparse.Namespace) -> LPIPS | None:
     try:
-        return LPIPS.from_pretrained(download=args.lpips_download).to(pipeline.pick_device(args.device))
+        return LPIPS.from_pretrained(download=args.lpips_download).to(pick_device(args.device))
     except (FileNotFoundError, RuntimeError) as e:
         tqdm.write(f"note: LPIPS is left empty: {sample.one_line(e)}"
                    + ("" if args.lpips_download else " (--lpips-download fetches it)"), file=sys.stderr)

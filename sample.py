@@ -9,7 +9,7 @@
     python sample.py --image photo.jpg --stage1-only                  # Real-ESRGAN x4plus alone, 4x, offline
     python sample.py --image photo.jpg --stage1 realesrgan-x4plus     # Real-ESRGAN first, then SUPIR (DiffBIR)
 
-Each result is a PNG holding every setting in its metadata (pipeline.read_png_info). Under torchrun each
+Each result is a PNG holding every setting in its metadata (images.read_png_info). Under torchrun each
 rank restores its share of the sorted image list. See docs/restore.md for every option.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ from tqdm import tqdm
 from mini_supir import mask as masks
 from mini_supir import images, lora_files, pipeline, repair, stage1, supir
 from mini_supir.pipeline import ImageError, RestoreError, RestoreSettings, Restorer
+from mini_supir.devices import DTYPES, pick_device
 from mini_supir.weights import CheckpointError, resolve
 
 OVERRIDES = {  # CLI option -> RestoreSettings field (the rest of the settings come from the preset)
@@ -113,9 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--lora-strict", choices=["on", "off"], default="on",
                    help="on (default): a LoRA with keys we cannot apply is an error; off: apply what fits, "
                         "print one warning line listing what was skipped")
-    m.add_argument("--dtype", choices=["auto", *pipeline.DTYPES], default="auto",
+    m.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="UNet / text encoders (auto: fp16 on GPU, fp32 on CPU)")
-    m.add_argument("--vae-dtype", choices=["auto", *pipeline.DTYPES], default="auto",
+    m.add_argument("--vae-dtype", choices=["auto", *DTYPES], default="auto",
                    help="VAE (auto: bf16 on CUDA, else fp32; fp16 is refused: it overflows)")
     m.add_argument("--device", default="auto", help="auto (default: cuda, mps, cpu), cuda, cuda:1, mps or cpu")
     m.add_argument("--offload", action="store_true", help="move each part to the GPU only while it runs")
@@ -417,7 +418,7 @@ def main(argv=None) -> int:
     try:
         settings = settings_from(args)
         params = mask_params(args)
-        pipeline.pick_dtypes(pipeline.pick_device("cpu"), args.dtype, args.vae_dtype)  # refuse fp16 VAE now
+        pipeline.pick_dtypes(pick_device("cpu"), args.dtype, args.vae_dtype)  # refuse fp16 VAE now
     except ValueError as e:
         fail("settings", one_line(e))
         return 2
@@ -430,7 +431,7 @@ def main(argv=None) -> int:
     names = output_names(files)
     files = files[rank::world]
     device = args.device
-    if device == "auto" and world > 1 and pipeline.pick_device().type == "cuda":
+    if device == "auto" and world > 1 and pick_device().type == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
 
     out = Path(args.out)
@@ -496,13 +497,13 @@ def main(argv=None) -> int:
             for k, (result, path) in enumerate(zip(results, paths)):
                 info = {"settings": s.to_dict(), "seed": args.seed + k, "sample": k, "source": str(f),
                         "prompt_from": source, **model_info, **extra}
-                pipeline.save_png(result, path, info)
+                images.save_png(result, path, info)
                 if args.compare:
                     panel = side_by_side(panels + [result] + ([clean] if clean else []), result.size)
-                    pipeline.save_png(panel, path.with_name(f"{path.stem}_compare.png"), info)
+                    images.save_png(panel, path.with_name(f"{path.stem}_compare.png"), info)
             if args.repairing:
                 paths.append(out / f"{names[f]}_mask.png")
-                pipeline.save_png(panels[1], paths[-1], {"source": str(f), **extra})
+                images.save_png(panels[1], paths[-1], {"source": str(f), **extra})
             tqdm.write(f"wrote {', '.join(str(p) for p in paths)} ({time.time() - t0:.1f} s)", file=sys.stderr)
         except (ImageError, RestoreError, OSError) as e:
             fail(f, one_line(e))

@@ -24,6 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mini_supir import pipeline, supir  # noqa: E402
+from mini_supir.devices import DTYPES  # noqa: E402
 
 
 def peak_mb(device: torch.device) -> float:
@@ -61,7 +62,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--sampler", choices=pipeline.SAMPLERS, default="edm")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", *pipeline.DTYPES])
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     p.add_argument("--tile-vae", action="store_true")
     p.add_argument("--tile-size", type=int, help="tiled sampling, px")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")

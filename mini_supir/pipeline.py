@@ -27,9 +27,8 @@ import torch
 from PIL import Image
 
 from . import colorfix, repair, supir
-from .devices import DTYPES, parse_dtype, pick_device  # noqa: F401 (DTYPES re-exported)
-from .images import (GREY_MODES, MAX_INPUT_PIXELS, ImageError, read_png_info, save_png,  # noqa: F401 (re-exported)
-                     split_alpha)
+from .devices import parse_dtype, pick_device
+from .images import GREY_MODES, MAX_INPUT_PIXELS, ImageError, split_alpha
 from .images import open_image as _open_image
 from .sampler import Denoiser, sample_lightning, sample_restore_dpmpp2m, sample_restore_edm
 from .stage1 import Upscaler

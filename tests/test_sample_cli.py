@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sample  # noqa: E402
-from mini_supir import lora, lora_files, pipeline, supir  # noqa: E402
+from mini_supir import lora, lora_files, supir  # noqa: E402
+from mini_supir.images import read_png_info  # noqa: E402
 from mini_supir.pipeline import RestoreSettings  # noqa: E402
 
 SUPIR_PREFIXES = ("model.control_model.", "model.diffusion_model.project_modules.", "first_stage_model.denoise_encoder.")
@@ -68,11 +69,11 @@ def test_folder_restored_with_settings_in_metadata(capsys, weights, images, tmp_
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "c.png"]  # no temp files left
     for name, size in (("a", (64, 64)), ("b", (64, 48)), ("c", (48, 64))):
         assert Image.open(out / f"{name}.png").size == size
-    info = pipeline.read_png_info(out / "b.png")
+    info = read_png_info(out / "b.png")
     expected = RestoreSettings(min_size=0, steps=2, cfg=5.0, prompt="a brick wall")
     assert RestoreSettings.from_dict(info["settings"]) == expected
     assert (info["seed"], info["prompt_from"], info["model"], info["dtype"]) == (7, "caption", "tiny", "float32")
-    assert pipeline.read_png_info(out / "a.png")["settings"]["prompt"] == ""
+    assert read_png_info(out / "a.png")["settings"]["prompt"] == ""
 
 
 def test_same_seed_same_pixels_and_samples(capsys, weights, images, tmp_path):
@@ -152,7 +153,7 @@ def test_lora_changes_the_result(capsys, weights, images, tmp_path):
     code, err = run(capsys, weights, "--image", images / "a.png", "--out", tmp_path / "lora",
                     "--lora", f"{weights / 'style.safetensors'}:0.5")
     assert code == 0, err
-    info = pipeline.read_png_info(tmp_path / "lora" / "a.png")
+    info = read_png_info(tmp_path / "lora" / "a.png")
     assert info["loras"] == [[str(weights / "style.safetensors"), 0.5]]
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "plain" / "a.png")),
                               np.asarray(Image.open(tmp_path / "lora" / "a.png")))
@@ -188,7 +189,7 @@ def test_random_tiny_model_needs_no_files(capsys, images, tmp_path):
     code = sample.main(["--model", "tiny", "--image", str(images / "c.png"), "--out", str(tmp_path),
                         "--min-size", "0", "--steps", "1", "--sampler", "dpmpp2m"])
     assert code == 0
-    info = pipeline.read_png_info(tmp_path / "c.png")
+    info = read_png_info(tmp_path / "c.png")
     assert info["weights"] == "random tiny (seed 0)" and info["settings"]["cfg"] == 2.0  # Lightning preset
 
 
@@ -224,7 +225,7 @@ def test_repair_writes_result_mask_and_compare(capsys, weights, cracked, tmp_pat
     assert np.array_equal(compare[:, :128], damaged) and np.array_equal(compare[:, 256:384], result)
     assert np.array_equal(compare[:, 128:256, 0] > 127, hard)
     assert np.array_equal(compare[:, 384:], np.asarray(Image.open(cracked / "a_clean.png")))
-    info = pipeline.read_png_info(out / "a.png")
+    info = read_png_info(out / "a.png")
     assert info["repair"]["mask"] == "auto" and info["repair"]["mask_params"]["feather_sigma"] == 1.5
     assert info["repair"]["damaged_fraction"] == pytest.approx(hard.mean(), abs=1e-6)
 
@@ -234,7 +235,7 @@ def test_repair_writes_result_mask_and_compare(capsys, weights, cracked, tmp_pat
         code, err = run(capsys, weights, "--image", cracked / "a.png", "--out", again, "--mask", spec)
         assert code == 0 and not errors(err)
         assert np.array_equal(np.asarray(Image.open(again / "a.png")), result)
-        assert pipeline.read_png_info(again / "a.png")["repair"]["mask"] == str(out / "a_mask.png")
+        assert read_png_info(again / "a.png")["repair"]["mask"] == str(out / "a_mask.png")
 
 
 def test_mask_file_marks_what_is_repaired(capsys, weights, images, tmp_path):
