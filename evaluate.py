@@ -40,6 +40,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -48,7 +49,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-import sample
 from mini_supir import mask as masks
 from mini_supir import pipeline, repair, stage1, supir
 from mini_supir.degrade import IMAGE_SUFFIXES, SETTINGS, Damage, damage, degrade, image_seed, load_image, modcrop, \
@@ -57,7 +57,8 @@ from mini_supir.devices import DTYPES, pick_device
 from mini_supir.images import atomic_write
 from mini_supir.metrics import LPIPS, psnr, ssim, ssim_map
 from mini_supir.niqe import niqe
-from mini_supir.weights import CheckpointError
+from mini_supir.cli import lora_spec, one_line
+from mini_supir.weights import CheckpointError, WeightsError
 
 OLD_COLUMNS = ["image", "method", "setting", "height", "width", "psnr", "ssim", "psnr_y", "ssim_y", "lpips",
                "seconds", "peak_mem_mib", "mem_kind"]
@@ -161,7 +162,7 @@ class Stage1Method:
         try:
             return stage1.Upscaler.load(self.name, device=self.device_name)
         except (CheckpointError, ValueError) as e:  # run_method reports it as a weights problem of this method
-            raise sample.WeightsError(self.name, sample.one_line(e)) from None
+            raise WeightsError(self.name, one_line(e)) from None
 
     def open(self) -> None:
         self.upscaler = self.load()
@@ -198,10 +199,7 @@ def build_methods(args: argparse.Namespace) -> tuple[dict[str, Method], dict[str
         variants = [(name, [])] if name in ("supir", f"{first}+supir") else \
             [(lora_method_name(p, s), [(p, s)]) for p, s in args.lora]
         for method_name, loras in variants:
-            restorer_args = argparse.Namespace(model=args.model, sdxl=args.sdxl, supir=args.supir, lora=loras,
-                                               dtype=args.dtype, vae_dtype=args.vae_dtype, offload=args.offload,
-                                               mode=args.mode, stage1=first)
-            methods[method_name] = SUPIRMethod(lambda a=restorer_args: two_stage_restorer(a, args.device),
+            methods[method_name] = SUPIRMethod(partial(two_stage_restorer, args, tuple(loras), first),
                                                settings, args.seed, args.known_mask)
             configs[method_name] = {"method": "supir", "model": args.model, "sdxl": args.sdxl, "supir": args.supir,
                                     "mode": args.mode, "loras": [[str(p), s] for p, s in loras], "stage1": first,
@@ -209,11 +207,12 @@ def build_methods(args: argparse.Namespace) -> tuple[dict[str, Method], dict[str
     return methods, configs
 
 
-def two_stage_restorer(args: argparse.Namespace, device: str) -> pipeline.Restorer:
-    """SUPIR, with the --stage1 network in front of it where one is named."""
-    restorer = sample.build_restorer(args, device)[0]
-    if args.stage1:
-        restorer.pixel_restorer = Stage1Method(args.stage1, device).load()
+def two_stage_restorer(args: argparse.Namespace, loras: tuple, first: str | None) -> pipeline.Restorer:
+    """SUPIR with `loras`, with the stage-1 network `first` in front of it where one is named."""
+    restorer = pipeline.Restorer.load(args.model, args.mode, args.sdxl, args.supir, loras, device=args.device,
+                                      dtype=args.dtype, vae_dtype=args.vae_dtype, offload=args.offload)[0]
+    if first:
+        restorer.pixel_restorer = Stage1Method(first, args.device).load()
     return restorer
 
 
@@ -655,7 +654,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"({', '.join(stage1.REGISTRY)}) alone, or NAME+supir: it, then SUPIR")
     p.add_argument("--known-mask", action="store_true",
                    help="damage settings: repair with the synthetic damage's own mask instead of the automatic one")
-    p.add_argument("--lora", action="append", default=[], type=sample.lora_spec, metavar="FILE[:SCALE]",
+    p.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="FILE[:SCALE]",
                    help="LoRA for supir+lora, merged at SCALE (default 1); repeatable")
     p.add_argument("--limit", type=int, help="only the first N images (sorted by name)")
     p.add_argument("--gt-crop", type=int, help="centre-crop each GT to at most N x N px first")
@@ -730,7 +729,7 @@ def load_lpips(args: argparse.Namespace) -> LPIPS | None:
     try:
         return LPIPS.from_pretrained(download=args.lpips_download).to(pick_device(args.device))
     except (FileNotFoundError, RuntimeError) as e:
-        tqdm.write(f"note: LPIPS is left empty: {sample.one_line(e)}"
+        tqdm.write(f"note: LPIPS is left empty: {one_line(e)}"
                    + ("" if args.lpips_download else " (--lpips-download fetches it)"), file=sys.stderr)
         return None
 
@@ -765,7 +764,7 @@ def run_method(name: str, method: Method, files: list[Path], args: argparse.Name
                 failures += 1
                 continue
             except (OSError, ValueError, pipeline.RestoreError) as e:
-                fail(f"{path} ({name}): {sample.one_line(e)}")
+                fail(f"{path} ({name}): {one_line(e)}")
                 failures += 1
                 continue
             finally:
@@ -810,7 +809,7 @@ def main(argv=None) -> int:
             write_atomic(results, csv_text([], header=True))
         (args.out / "images" / "lq").mkdir(parents=True, exist_ok=True)
     except (ValueError, OSError) as e:
-        return fail(sample.one_line(e))
+        return fail(one_line(e))
 
     done = {(r["image"], r["method"]) for r in rows}
     todo = {m: [f for f in files if (f.name, m) not in done] for m in methods}
@@ -824,7 +823,7 @@ def main(argv=None) -> int:
                 continue
             try:
                 new, failed = run_method(name, method, todo[name], args, lpips, progress)
-            except sample.WeightsError as e:  # from open(), before any image of this method
+            except WeightsError as e:  # from open(), before any image of this method
                 fail(f"{name}: {': '.join(map(str, e.args))}")
                 progress.update(len(todo[name]))
                 new, failed = [], len(todo[name])

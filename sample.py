@@ -32,7 +32,8 @@ from mini_supir import mask as masks
 from mini_supir import images, lora_files, pipeline, repair, stage1, supir
 from mini_supir.pipeline import ImageError, RestoreError, RestoreSettings, Restorer
 from mini_supir.devices import DTYPES, pick_device
-from mini_supir.weights import CheckpointError, resolve
+from mini_supir.cli import fail, lora_spec, one_line
+from mini_supir.weights import CheckpointError, WeightsError, resolve
 
 OVERRIDES = {  # CLI option -> RestoreSettings field (the rest of the settings come from the preset)
     "upscale": "upscale", "min_size": "min_size", "steps": "steps", "cfg": "cfg", "cfg_start": "cfg_start",
@@ -80,14 +81,6 @@ def mask_params(args: argparse.Namespace) -> masks.MaskParams:
 
 def optional_float(s: str) -> float | None:
     return None if s.lower() == "none" else float(s)
-
-
-def lora_spec(s: str) -> tuple[str, float]:
-    path, _, scale = s.rpartition(":")
-    try:
-        return (path, float(scale)) if path else (s, 1.0)
-    except ValueError:  # a ':' that is part of the path
-        return s, 1.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -290,47 +283,19 @@ def check_writable(out: Path) -> None:
         pass
 
 
-class WeightsError(Exception):
-    """(file or option, problem)"""
-
-
 def build_restorer(args: argparse.Namespace, device: str) -> tuple[Restorer, dict]:
     """The model of --model with --sdxl / --supir / --lora; raises WeightsError naming the file at fault."""
-    cfg = supir.PRESETS[args.model]
-    placement = dict(device=device, dtype=args.dtype, vae_dtype=args.vae_dtype, offload=args.offload)
-    random = args.model != "sdxl" and args.sdxl is None and args.supir is None
-    if args.model != "sdxl" and not random and (args.sdxl is None or args.supir is None):
-        raise WeightsError("--sdxl/--supir", "--model tiny / medium with weight files needs both")
-    sdxl = args.sdxl or "sdxl"
-    supir_file = args.supir or ("F" if args.mode == "fidelity" else "Q")
-    specs = [f for f, _ in args.lora] + ([] if random else [sdxl, supir_file])
-    files = {}
-    for spec in specs:  # one by one, so that a missing file is named
-        try:
-            files[spec] = resolve(spec)
-        except CheckpointError as e:
-            raise WeightsError(spec, one_line(e)) from None
-    loras = tuple((files[f], scale) for f, scale in args.lora)
-    placement["lora_strict"] = getattr(args, "lora_strict", "on") == "on"  # evaluate.py builds args without it
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if random:
-                restorer = Restorer.random(cfg, seed=0, loras=loras, **placement)
-            else:
-                restorer = Restorer.from_files(files[sdxl], files[supir_file], cfg, loras=loras, **placement)
-        for w in caught:  # --lora-strict off: what each LoRA skipped, one line each
-            if str(w.message).startswith("LoRA "):
-                print(f"warning: {one_line(w.message)}", file=sys.stderr)
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    except Exception as e:  # noqa: BLE001 — wrong or broken files: name the one the message is about
-        at_fault = next((a for a in specs[::-1] if Path(a).name in str(e)), " + ".join(specs) or args.model)
-        raise WeightsError(at_fault, one_line(e)) from None
-    weights = {"weights": f"random {args.model} (seed 0)"} if random else {"sdxl": str(sdxl), "supir": str(supir_file)}
-    return restorer, {**weights, "model": args.model, "loras": [[str(f), s] for f, s in args.lora],
-                      "dtype": str(restorer.dtype).removeprefix("torch."),
-                      "vae_dtype": str(restorer.vae_dtype).removeprefix("torch.")}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restorer, info = Restorer.load(args.model, args.mode, args.sdxl, args.supir, tuple(args.lora),
+                                       args.lora_strict == "on", device=device, dtype=args.dtype,
+                                       vae_dtype=args.vae_dtype, offload=args.offload)
+    for w in caught:  # --lora-strict off: what each LoRA skipped, one line each
+        if str(w.message).startswith("LoRA "):
+            print(f"warning: {one_line(w.message)}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return restorer, info
 
 
 def split_loras(args: argparse.Namespace) -> list[tuple[Path, float]]:
@@ -401,15 +366,6 @@ def upscale_all(up: stage1.Upscaler, todo: list[Path], names: dict[Path, str], o
             fail(f, one_line(e))
             failed += 1
     return 1 if failed else 0
-
-
-def fail(what, problem) -> None:
-    tqdm.write(f"error: {what}: {problem}", file=sys.stderr)
-
-
-def one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def main(argv=None) -> int:

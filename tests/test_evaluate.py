@@ -12,7 +12,6 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
-import sample  # noqa: E402
 from mini_supir.degrade import degrade, image_seed, load_image, modcrop, quantize, upsample  # noqa: E402
 from mini_supir.metrics import psnr, ssim  # noqa: E402
 
@@ -81,8 +80,9 @@ def test_resume_computes_only_missing_rows(first_run, tmp_path, monkeypatch, sty
     (out / "results.csv").write_text("".join(lines[:-1]) + lines[-1][:20])
     calls = []
     monkeypatch.setattr(evaluate, "bicubic", lambda lq, size: calls.append("bicubic") or upsample(lq, size))
-    build = sample.build_restorer
-    monkeypatch.setattr(sample, "build_restorer", lambda a, d: calls.append(f"load {a.lora}") or build(a, d))
+    build = evaluate.two_stage_restorer
+    monkeypatch.setattr(evaluate, "two_stage_restorer", lambda a, loras, first: calls.append(f"load {list(loras)}")
+                        or build(a, loras, first))
     assert evaluate.main([*TINY, "--out", str(out), "--method", "bicubic", "supir", "supir+lora",
                           "--lora", str(style_lora)]) == 0
     assert calls == ["load []", f"load [({str(style_lora)!r}, 1.0)]"]

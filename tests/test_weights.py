@@ -1,9 +1,10 @@
 """Loading official-layout checkpoints: the full-size key layout, and synthetic files through the real loader."""
+import huggingface_hub
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from mini_supir import supir
+from mini_supir import supir, weights
 from mini_supir.weights import CheckpointError, read_state_dict
 
 SUPIR_PREFIXES = ("model.control_model.", "model.diffusion_model.project_modules.", "first_stage_model.denoise_encoder.")
@@ -54,10 +55,35 @@ def test_missing_and_misshaped_keys_are_listed(tiny_files, tmp_path):
     save_file(base, str(tmp_path / "bad.safetensors"))
     with pytest.raises(CheckpointError) as e:
         supir.load(supir.TINY, tmp_path / "bad.safetensors", d / "supir.ckpt")
-    msg = str(e.value)
-    assert "1 missing: model.diffusion_model.out.2.bias" in msg
-    assert "first_stage_model.quant_conv.weight (1, 2, 3, 4)" in msg
+    msg = str(e.value)  # a wrong shape is blamed on the file that holds it, not on the SUPIR file read after it
+    assert msg.startswith(f"{tmp_path / 'bad.safetensors'} does not fit the model: 1 wrongly shaped: "
+                          "first_stage_model.quant_conv.weight (1, 2, 3, 4) != (8, 8, 1, 1)")
     assert "\n" not in msg
+    del base["first_stage_model.quant_conv.weight"]
+    save_file(base, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointError) as e:
+        supir.load(supir.TINY, tmp_path / "bad.safetensors", d / "supir.ckpt")
+    assert str(e.value).startswith(f"{tmp_path / 'bad.safetensors'} does not fit the model: 2 missing: "
+                                   "model.diffusion_model.out.2.bias, first_stage_model.quant_conv.weight")
+
+
+def test_files_are_named_all_at_once_before_any_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.delenv("MINI_SUPIR_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("a download was tried"))
+    with pytest.raises(weights.WeightsError) as e:
+        weights.resolve_all(["sdxl", str(tmp_path / "a.safetensors"), str(tmp_path / "b.pt")])
+    assert e.value.args[0] == f"{tmp_path / 'a.safetensors'}, {tmp_path / 'b.pt'}"
+    assert "no such file" in e.value.args[1]
+    monkeypatch.undo()
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setenv("MINI_SUPIR_OFFLINE", "1")
+    with pytest.raises(weights.WeightsError) as e:  # offline: every registry file not here, with where it goes
+        weights.resolve_all(["sdxl", "Q"])
+    assert e.value.args[0] == "sdxl, Q"
+    assert f"put it at {tmp_path / 'sd_xl_base_1.0_0.9vae.safetensors'}" in e.value.args[1]
+    assert f"put it at {tmp_path / 'SUPIR-v0Q_fp16.safetensors'}" in e.value.args[1]
 
 
 def test_sdxl_file_is_not_a_supir_file(tiny_files):
