@@ -1,8 +1,8 @@
-"""The SDXL UNet (sgm `UNetModel`), optionally with SUPIR's control connectors (`LightGLVUNet`).
+"""The SDXL UNet (sgm `UNetModel`, sgm/modules/diffusionmodules/openaimodel.py).
 
-One config, one encoder builder shared with SUPIR's control encoder (control.py), one decoder loop that
-runs either the plain SDXL decoder or SUPIR's ZeroSFT / ZeroCrossAttn-modulated one. Attribute names
-mirror the checkpoint keys under `model.diffusion_model.` (e.g. `input_blocks.4.1.transformer_blocks.0.attn1.to_q`).
+One config and one encoder (embeddings, input blocks, middle block) that SUPIR's control encoder reuses
+(control.py, which also holds SUPIR's connector-fed decoder). Attribute names mirror the checkpoint keys
+under `model.diffusion_model.` (e.g. `input_blocks.4.1.transformer_blocks.0.attn1.to_q`).
 """
 from __future__ import annotations
 
@@ -283,14 +283,15 @@ class UNetEncoder(nn.Module):
 
 
 class UNet(UNetEncoder):
-    """SDXL's eps-prediction UNet; with `connectors=True` SUPIR's LightGLVUNet (adds `project_modules`)."""
+    """SDXL's eps-prediction UNet: the encoder, then output blocks that each take one skip connection."""
 
-    def __init__(self, cfg: UNetConfig, connectors: bool = False):
+    def __init__(self, cfg: UNetConfig):
         super().__init__(cfg)
         emb_dim, skips = cfg.model_channels * 4, list(self.skip_channels)
         ch = skips[-1]
         self.output_blocks = nn.ModuleList()
-        decoder = []  # per output block: (width of the running h it receives, its own width, whether it upsamples)
+        # per output block: (width of the running h it receives, its own width, whether it upsamples)
+        self.decoder_layout: list[tuple[int, int, bool]] = []
         for level, width in reversed(list(enumerate(cfg.widths))):
             for i in range(cfg.num_res_blocks + 1):
                 skip = skips.pop()
@@ -299,63 +300,23 @@ class UNet(UNetEncoder):
                 if upsample:
                     layers.append(Upsample(width))
                 self.output_blocks.append(Block(*layers))
-                decoder.append((ch, width, upsample))
+                self.decoder_layout.append((ch, width, upsample))
                 ch = width
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
-        if connectors:
-            self.project_modules = build_connectors(self.skip_channels, decoder)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
-                control: list[torch.Tensor] | None = None, control_scale: float = 1.0) -> torch.Tensor:
-        """eps for noisy latent `x`; `control` (GLVControl's features) switches on SUPIR's connectors."""
-        if control is not None:  # LightGLVUNet runs in the dtype of the control features
-            x, context, y = (t.to(control[0].dtype) for t in (x, context, y))
+    def encode(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor
+               ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """(middle block output, every input block's output (the skips), the timestep + vector embedding)."""
         emb = self.embed(timesteps, y, x.dtype)
         hs, h = [], x
         for block in self.input_blocks:
             h = self.run(block, h, emb, context)
             hs.append(h)
-        h = self.run(self.middle_block, h, emb, context)
-        if control is None:
-            for block in self.output_blocks:
-                h = torch.cat([h, hs.pop()], dim=1)  # rebound before the call, so the previous h is freed now
-                h = self.run(block, h, emb, context)
-            return self.out(h)
+        return self.run(self.middle_block, h, emb, context), hs, emb
 
-        # SUPIR: connectors and control features are consumed from the end, middle block first; each output
-        # block's skip is merged with h by a ZeroSFT (which also concatenates), and blocks that upsample get a
-        # ZeroCrossAttn to the same control feature between their transformer and their Upsample.
-        adapters, ctrl = iter(reversed(self.project_modules)), iter(reversed(control))
-        c = next(ctrl)
-        h = self.run(next(adapters), c, h, None, control_scale)
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h, hs, emb = self.encode(x, timesteps, context, y)
         for block in self.output_blocks:
-            c = next(ctrl)
-            h = self.run(next(adapters), c, hs.pop(), h, control_scale)
-            if isinstance(block[-1], Upsample):
-                for layer in block[:-1]:
-                    h = self.run(layer_forward, layer, h, emb, context)
-                h = self.run(next(adapters), c, h, control_scale)
-                h = block[-1](h)
-            else:
-                h = self.run(block, h, emb, context)
+            h = torch.cat([h, hs.pop()], dim=1)  # rebound before the call, so the previous h is freed now
+            h = self.run(block, h, emb, context)
         return self.out(h)
-
-
-def build_connectors(skip_channels: list[int], decoder: list[tuple[int, int, bool]]) -> nn.ModuleList:
-    """SUPIR's `project_modules` in checkpoint order (the reverse of the order the decoder uses them).
-
-    ZeroSFT k modulates skip k (and control feature k, equally wide) and concatenates the running h of the
-    output block that consumes it; the last one sits after the middle block. Each upsampling output block
-    also gets a ZeroCrossAttn, listed just before its ZeroSFT. For SDXL this is LightGLVUNet(mode="XL-base")'s hard-coded list.
-    """
-    from .control import ZeroCrossAttn, ZeroSFT  # control.py builds on this module
-
-    modules = nn.ModuleList()
-    for k, skip in enumerate(skip_channels):
-        h_in, width, upsample = decoder[len(decoder) - 1 - k]  # the output block that consumes skip k
-        if upsample:
-            modules.append(ZeroCrossAttn(context_dim=skip, query_dim=width))
-        modules.append(ZeroSFT(label_nc=skip, norm_nc=skip, concat_channels=h_in))
-    mid = skip_channels[-1]
-    modules.append(ZeroSFT(label_nc=mid, norm_nc=mid, concat_channels=0))
-    return modules

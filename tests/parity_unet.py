@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fixtures import Fixture, checks
-from mini_supir.control import ControlledUNet, ZeroCrossAttn, ZeroSFT
+from mini_supir.control import ControlledUNet, LightGLVUNet, ZeroCrossAttn, ZeroSFT
 from mini_supir.unet import SDXL_BASE, UNet, UNetConfig
 
 
@@ -52,7 +52,7 @@ def check_supir_unet_control(fx: Fixture):
     width_map = {int(k): v for k, v in fx.config["xl_base_channel_map"].items()}
     assert [width_map[w] for w in SDXL_BASE.widths] == cfg.widths
     with torch.device("meta"):
-        sdxl = UNet(SDXL_BASE, connectors=True).project_modules
+        sdxl = LightGLVUNet(SDXL_BASE).project_modules
     expected = [tuple(width_map.get(w, w) if isinstance(w, int) else w for w in connector_widths(m)) for m in sdxl]
     assert [connector_widths(m) for m in model.diffusion_model.project_modules] == expected
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fixtures import REFERENCE
-from mini_supir.control import ControlledUNet, GLVControl
+from mini_supir.control import ControlledUNet, GLVControl, ZeroSFT
 from mini_supir.unet import SDXL_BASE, TINY, UNet, UNetConfig, timestep_embedding
 
 MANIFESTS = REFERENCE / "manifests"
@@ -130,3 +130,22 @@ def test_glvcontrol_features_match_unet_skips(tiny):
     assert isinstance(tiny.control_model, GLVControl)
     assert [c.shape[1] for c in control] == tiny.diffusion_model.skip_channels + [TINY.widths[-1]]
     assert [c.shape[2:] for c in control[-3:]] == [torch.Size([4, 6])] * 3
+
+
+def test_fresh_control_path_is_zero_initialised_as_official():
+    """SUPIR_v0.py wraps zero_mul / zero_add / zero_conv and the hint conv in zero_module (not ZeroCrossAttn),
+    so a freshly built model ignores the LQ latent."""
+    torch.manual_seed(0)
+    model = ControlledUNet(TINY)
+    zeroed = {n: p.abs().max().item() for n, p in model.named_parameters()
+              if ".zero_" in n or n.startswith("control_model.input_hint_block.")}
+    n_sft = sum(isinstance(m, ZeroSFT) for m in model.diffusion_model.project_modules)
+    assert n_sft == 10 and len(zeroed) == n_sft * 3 * 2 + 2 and set(zeroed.values()) == {0.0}  # 3 convs, (w, b)
+    attn = [p for n, p in model.named_parameters() if ".attn." in n and "project_modules" in n]
+    assert attn and all(p.abs().max() > 0 for p in attn)
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([500.0])
+    ctx, y = torch.randn(1, 5, TINY.context_dim), torch.randn(1, TINY.adm_in_channels)
+    with torch.no_grad():
+        a = model(x, t, ctx, y, torch.randn(1, 4, 16, 16))
+        b = model(x, t, ctx, y, torch.randn(1, 4, 16, 16))
+    assert torch.equal(a, b)
