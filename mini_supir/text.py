@@ -96,10 +96,6 @@ def clip_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def bpe_ids(text: str) -> list[int]:
-    return clip_tokenizer().encode(clean_text(text)).ids
-
-
 def tokenize(texts: str | list[str], pad: str = "eos", context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
     """(B, 77) int64: <start>, at most 75 BPE ids, <end>, padding. pad="eos" pads with <end> (the HF
     tokenizer that feeds CLIP-L), pad="zero" with 0 (open_clip.tokenize, which feeds OpenCLIP bigG)."""
@@ -142,19 +138,6 @@ class CLIPTextConfig:
     num_heads: int = 12
     max_positions: int = CONTEXT_LENGTH
     layer_idx: int = 11  # SDXL takes hidden_states[layer_idx] (output of that layer, no final LayerNorm)
-
-    @classmethod
-    def from_reference(cls, constructor: dict, layer_idx: int | None = None) -> "CLIPTextConfig":
-        """From a transformers CLIPTextConfig dict, or {"CLIPTextConfig": ..., "FrozenCLIPEmbedder": ...}."""
-        hf = constructor.get("CLIPTextConfig", constructor)
-        embedder = constructor.get("FrozenCLIPEmbedder", {})
-        assert embedder.get("layer", "hidden") == "hidden", "SDXL uses an intermediate hidden state"
-        assert hf.get("hidden_act", "quick_gelu") == "quick_gelu" and hf.get("layer_norm_eps", 1e-5) == 1e-5
-        layer_idx = embedder.get("layer_idx", layer_idx)
-        return cls(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                   intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-                   num_heads=hf["num_attention_heads"], max_positions=hf["max_position_embeddings"],
-                   layer_idx=hf["num_hidden_layers"] - 1 if layer_idx is None else layer_idx)
 
 
 CLIP_L = CLIPTextConfig()
@@ -269,15 +252,6 @@ class OpenCLIPTextConfig:
     layers: int = 32
     embed_dim: int = 1280  # size of the pooled, projected text embedding
     context_length: int = CONTEXT_LENGTH
-
-    @classmethod
-    def from_reference(cls, constructor: dict) -> "OpenCLIPTextConfig":
-        """From open_clip.CLIP kwargs ({"embed_dim", "text_cfg", ...}), optionally under "open_clip.CLIP"."""
-        clip = constructor.get("open_clip.CLIP", constructor)
-        text = clip["text_cfg"]
-        assert not clip.get("quick_gelu", False) and text.get("mlp_ratio", 4) == 4
-        return cls(vocab_size=text["vocab_size"], width=text["width"], heads=text["heads"], layers=text["layers"],
-                   embed_dim=clip["embed_dim"], context_length=text["context_length"])
 
 
 OPENCLIP_BIGG = OpenCLIPTextConfig()
@@ -412,19 +386,6 @@ class Conditioner(nn.Module):
         super().__init__()
         self.embedders = nn.ModuleList([CLIPEmbedder(clip_cfg), OpenCLIPEmbedder(openclip_cfg),
                                         SizeEmbedder(size_dim), SizeEmbedder(size_dim), SizeEmbedder(size_dim)])
-
-    @classmethod
-    def from_reference(cls, constructor: dict) -> "Conditioner":
-        """From the `conditioner` fixture's constructor (emb_models + the tiny_text_towers they used)."""
-        emb = constructor["emb_models"]
-        towers = constructor["tiny_text_towers"]
-        assert [e["input_key"] for e in emb] == ["txt", "txt", "original_size_as_tuple", "crop_coords_top_left",
-                                                 "target_size_as_tuple"]
-        assert emb[1]["params"]["layer"] == "penultimate" and not emb[1]["params"].get("legacy", False)
-        size_dims = {e["params"]["outdim"] for e in emb[2:]}
-        assert len(size_dims) == 1
-        clip = CLIPTextConfig.from_reference({"CLIPTextConfig": towers["clip_l"], "FrozenCLIPEmbedder": emb[0]["params"]})
-        return cls(clip, OpenCLIPTextConfig.from_reference(towers["openclip"]), size_dims.pop())
 
     @property
     def context_dim(self) -> int:

@@ -56,42 +56,6 @@ class UNetConfig:
     def has_attention(self, level: int) -> bool:
         return 2 ** level in self.attention_resolutions
 
-    # Constructor arguments of sgm's UNetModel (and of SUPIR's GLVControl / LightGLVUNet) whose value we do
-    # not model: they must have the value SDXL/SUPIR use. None = key absent is fine.
-    _FIXED = {"num_classes": "sequential", "use_spatial_transformer": True, "use_linear_in_transformer": True,
-              "legacy": False, "dims": 2, "conv_resample": True, "dropout": 0.0, "num_heads": -1,
-              "num_heads_upsample": -1, "use_scale_shift_norm": False, "resblock_updown": False,
-              "use_new_attention_order": False, "n_embed": None, "transformer_depth_middle": None,
-              "disable_self_attentions": None, "num_attention_blocks": None, "disable_middle_self_attn": False,
-              # SUPIR: control encoder at latent resolution; XL-base connector layout with control features
-              # as wide as the UNet's own (project_channel_scale 2 undoes the hard-coded halving).
-              "input_upscale": 1, "mode": "XL-base", "project_type": "ZeroSFT", "project_channel_scale": 2}
-    # Arguments with no numerical effect (activation checkpointing, attention backend, precision flags).
-    _NO_EFFECT = {"use_checkpoint", "use_fairscale_checkpoint", "offload_to_cpu", "spatial_transformer_attn_type", "use_fp16"}
-
-    @classmethod
-    def from_reference(cls, constructor: dict) -> "UNetConfig":
-        """Map sgm `UNetModel` / SUPIR `GLVControl` / `LightGLVUNet` constructor kwargs to a config."""
-        c = dict(constructor)
-        for key, value in cls._FIXED.items():
-            if key in c:
-                got = c.pop(key)
-                assert got == value, f"unsupported {key}={got!r} (need {value!r})"
-        for key in cls._NO_EFFECT:
-            c.pop(key, None)
-        mult = tuple(c.pop("channel_mult"))
-        depth = c.pop("transformer_depth")
-        depth = (depth,) * len(mult) if isinstance(depth, int) else tuple(depth)
-        num_res_blocks = c.pop("num_res_blocks")
-        assert isinstance(num_res_blocks, int), "per-level num_res_blocks is not used by SDXL"
-        cfg = cls(in_channels=c.pop("in_channels"), out_channels=c.pop("out_channels"),
-                  model_channels=c.pop("model_channels"), channel_mult=mult, num_res_blocks=num_res_blocks,
-                  attention_resolutions=tuple(c.pop("attention_resolutions")), transformer_depth=depth,
-                  num_head_channels=c.pop("num_head_channels"), context_dim=c.pop("context_dim"),
-                  adm_in_channels=c.pop("adm_in_channels"))
-        assert not c, f"unknown UNet constructor arguments: {sorted(c)}"
-        return cfg
-
 
 # SUPIR_v0.yaml's network_config (= SDXL base 1.0): 2,567,463,684 parameters.
 SDXL_BASE = UNetConfig()

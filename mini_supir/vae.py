@@ -31,15 +31,6 @@ class VAEConfig:
     def downsample_factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
 
-    @classmethod
-    def from_reference(cls, constructor: dict) -> "VAEConfig":
-        dd = constructor["ddconfig"]
-        assert dd["attn_resolutions"] == [], "only the mid-block attention of the SDXL VAE is implemented"
-        assert dd["double_z"], "the encoder must output mean and log-variance"
-        return cls(ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
-                   z_channels=dd["z_channels"], embed_dim=constructor["embed_dim"],
-                   in_channels=dd["in_channels"], out_ch=dd["out_ch"])
-
 
 SDXL_VAE = VAEConfig()
 TINY = VAEConfig(ch=32, ch_mult=(1, 1, 1, 2))  # same 8x downsampling as SDXL; 32 groups need ch >= 32

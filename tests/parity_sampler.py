@@ -2,6 +2,7 @@
 (run with the real ControlledUNet on the `supir_unet_control` weights; every per-step output is compared)."""
 import torch
 
+from reference_configs import unet_config
 from fixtures import Fixture, checks
 from mini_supir import sampler as S
 
@@ -35,9 +36,8 @@ class RecordingDenoiser:
 
 def _denoiser(fx: Fixture) -> RecordingDenoiser:
     from mini_supir.control import ControlledUNet
-    from mini_supir.unet import UNetConfig
 
-    cfgs = [UNetConfig.from_reference(c) for c in fx.config["constructor"]["network"]]  # [GLVControl, LightGLVUNet]
+    cfgs = [unet_config(c) for c in fx.config["constructor"]["network"]]  # [GLVControl, LightGLVUNet]
     assert all(c == cfgs[0] for c in cfgs), "control encoder and UNet configs differ"
     net = ControlledUNet(cfgs[0])
     net.load_state_dict(fx.weights, strict=True)

@@ -4,15 +4,16 @@ import json
 import torch
 
 from fixtures import Fixture, checks
-from mini_supir.text import (CLIPEmbedder, CLIPTextConfig, Conditioner, OpenCLIPEmbedder,
-                             OpenCLIPTextConfig, SizeEmbedder, bpe_ids, tokenize)
+from reference_configs import clip_config, conditioner_configs, openclip_config
+from mini_supir.text import (CLIPEmbedder, Conditioner, OpenCLIPEmbedder, SizeEmbedder, clean_text, clip_tokenizer,
+                             tokenize)
 
 SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
 
 
 @checks("text_clip_l")
 def check_text_clip_l(fx: Fixture):
-    embedder = CLIPEmbedder(CLIPTextConfig.from_reference(fx.config["constructor"]))
+    embedder = CLIPEmbedder(clip_config(fx.config["constructor"]))
     embedder.transformer.load_state_dict(fx.weights, strict=True)
     ids = fx.inputs["input_ids"]
     with torch.no_grad():
@@ -24,7 +25,7 @@ def check_text_clip_l(fx: Fixture):
 
 @checks("text_openclip_bigg")
 def check_text_openclip_bigg(fx: Fixture):
-    embedder = OpenCLIPEmbedder(OpenCLIPTextConfig.from_reference(fx.config["constructor"]))
+    embedder = OpenCLIPEmbedder(openclip_config(fx.config["constructor"]))
     embedder.model.load_state_dict(fx.weights, strict=True)
     tokens = fx.inputs["tokens"]
     with torch.no_grad():
@@ -38,7 +39,7 @@ def check_text_openclip_bigg(fx: Fixture):
 
 @checks("conditioner")
 def check_conditioner(fx: Fixture):
-    conditioner = Conditioner.from_reference(fx.config["constructor"])
+    conditioner = Conditioner(*conditioner_configs(fx.config["constructor"]))
     conditioner.load_state_dict(fx.weights, strict=True)
     sizes = [fx.inputs[k] for k in SIZE_KEYS]
     ours = {}
@@ -61,7 +62,7 @@ def check_vector_cond(fx: Fixture):
 def check_tokenizer(fx: Fixture):
     cases = json.loads((fx.path / fx.config["cases"]).read_text())["cases"]
     texts = [c["text"] for c in cases]
-    ours = {"bpe_ids": [bpe_ids(t) for t in texts], "ids_pad_zero": tokenize(texts, pad="zero").tolist(),
+    ours = {"bpe_ids": [clip_tokenizer().encode(clean_text(t)).ids for t in texts], "ids_pad_zero": tokenize(texts, pad="zero").tolist(),
             "ids_pad_eos": tokenize(texts, pad="eos").tolist()}
     for name, rows in ours.items():
         wrong = [c["text"] for c, row in zip(cases, rows) if row != c[name]]

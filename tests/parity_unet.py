@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from fixtures import Fixture, checks
+from reference_configs import unet_config
 from mini_supir.control import ControlledUNet, LightGLVUNet, ZeroCrossAttn, ZeroSFT
-from mini_supir.unet import SDXL_BASE, UNet, UNetConfig
+from mini_supir.unet import SDXL_BASE, UNet
 
 
 def record(outputs: dict, name: str):
@@ -14,7 +15,7 @@ def record(outputs: dict, name: str):
 
 @checks("unet_sdxl")
 def check_unet_sdxl(fx: Fixture):
-    cfg = UNetConfig.from_reference(fx.config["constructor"])
+    cfg = unet_config(fx.config["constructor"])
     model = UNet(cfg).eval()
     model.load_state_dict(fx.weights, strict=True)
     outs = {}
@@ -42,8 +43,8 @@ def connector_widths(module) -> tuple:
 @checks("supir_unet_control")
 def check_supir_unet_control(fx: Fixture):
     con = fx.config["constructor"]
-    cfg = UNetConfig.from_reference(con["diffusion_model"])
-    assert UNetConfig.from_reference(con["control_model"]) == cfg, "GLVControl must mirror the UNet's encoder"
+    cfg = unet_config(con["diffusion_model"])
+    assert unet_config(con["control_model"]) == cfg, "GLVControl must mirror the UNet's encoder"
     model = ControlledUNet(cfg).eval()
     model.load_state_dict(fx.weights, strict=True)
 

@@ -2,14 +2,15 @@
 import torch
 
 from fixtures import Fixture, checks
+from reference_configs import vae_config
 from mini_supir.colorfix import (adaptive_instance_normalization, wavelet_blur, wavelet_decomposition,
                                  wavelet_reconstruction)
-from mini_supir.vae import SCALE_FACTOR, AutoencoderKL, VAEConfig
+from mini_supir.vae import SCALE_FACTOR, AutoencoderKL
 
 
 def load_vae(fx: Fixture, prefix: str = "", denoise_encoder: bool = False) -> AutoencoderKL:
     """The fixture's VAE; with `prefix`, its state dict is loaded under that prefix (e.g. into denoise_encoder)."""
-    model = AutoencoderKL(VAEConfig.from_reference(fx.config["constructor"]), denoise_encoder=denoise_encoder)
+    model = AutoencoderKL(vae_config(fx.config["constructor"]), denoise_encoder=denoise_encoder)
     model.load_state_dict({prefix + k: v for k, v in fx.weights.items()}, strict=True)
     return model.eval()
 

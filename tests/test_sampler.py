@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from reference_configs import unet_config
 from fixtures import REFERENCE, Fixture
 from mini_supir import sampler as S
 
@@ -87,10 +88,9 @@ def test_denoiser_fixture_tables():
 
 def test_denoiser_fixture_denoised():
     control = pytest.importorskip("mini_supir.control")
-    from mini_supir.unet import UNetConfig
 
     fx = fixture("supir_unet_control")
-    net = control.ControlledUNet(UNetConfig.from_reference(fx.config["constructor"]["diffusion_model"]))
+    net = control.ControlledUNet(unet_config(fx.config["constructor"]["diffusion_model"]))
     net.load_state_dict(fx.weights, strict=True)
     cond = {k: fx.inputs[f"den.c.{k}"] for k in ("crossattn", "vector", "control")}
     with torch.no_grad():

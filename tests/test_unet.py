@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from fixtures import REFERENCE
+from reference_configs import unet_config
 from mini_supir.control import ControlledUNet, GLVControl, ZeroSFT
-from mini_supir.unet import SDXL_BASE, TINY, UNet, UNetConfig, timestep_embedding
+from mini_supir.unet import SDXL_BASE, TINY, UNet, timestep_embedding
 
 MANIFESTS = REFERENCE / "manifests"
 
@@ -45,14 +46,14 @@ def test_supir_control_matches_checkpoint_layout():
     assert n_params(model.diffusion_model.project_modules) == 54_797_440
 
 
-def test_from_reference_round_trip_and_rejects_unsupported():
+def test_reference_unet_config_round_trip_and_rejects_unsupported():
     kwargs = dict(in_channels=4, out_channels=4, model_channels=320, channel_mult=[1, 2, 4], num_res_blocks=2,
                   attention_resolutions=[4, 2], transformer_depth=[1, 2, 10], num_head_channels=64, context_dim=2048,
                   adm_in_channels=2816, num_classes="sequential", use_linear_in_transformer=True, legacy=False,
                   use_checkpoint=True, spatial_transformer_attn_type="softmax-xformers")
-    assert UNetConfig.from_reference(kwargs) == SDXL_BASE
+    assert unet_config(kwargs) == SDXL_BASE
     with pytest.raises(AssertionError):
-        UNetConfig.from_reference({**kwargs, "legacy": True})
+        unet_config({**kwargs, "legacy": True})
 
 
 def test_timestep_embedding():
