@@ -387,14 +387,6 @@ class Conditioner(nn.Module):
         self.embedders = nn.ModuleList([CLIPEmbedder(clip_cfg), OpenCLIPEmbedder(openclip_cfg),
                                         SizeEmbedder(size_dim), SizeEmbedder(size_dim), SizeEmbedder(size_dim)])
 
-    @property
-    def context_dim(self) -> int:
-        return self.embedders[0].transformer.cfg.hidden_size + self.embedders[1].model.cfg.width
-
-    @property
-    def adm_in_channels(self) -> int:
-        return self.embedders[1].model.cfg.embed_dim + 3 * 2 * self.embedders[2].outdim
-
     def forward(self, clip_ids: torch.Tensor, openclip_ids: torch.Tensor, original_size: torch.Tensor,
                 crop_coords: torch.Tensor, target_size: torch.Tensor) -> dict[str, torch.Tensor]:
         clip, openclip, original, crop, target = self.embedders

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fixtures import REFERENCE
+from mini_supir import unet
 from mini_supir.text import (CLIP_L, EOT, OPENCLIP_BIGG, SOT, TINY_CLIP, TINY_OPENCLIP, CLIPTextModel,
                              Conditioner, clean_text, tokenize)
 
@@ -20,7 +21,15 @@ def test_full_size_keys_match_sdxl_manifest():
     ours = {"conditioner." + k: (list(v.shape), str(v.dtype).removeprefix("torch."))
             for k, v in conditioner.state_dict().items()}
     assert ours == expected
-    assert (conditioner.context_dim, conditioner.adm_in_channels) == (2048, 2816)
+    assert CLIP_L.hidden_size + OPENCLIP_BIGG.width == unet.SDXL_BASE.context_dim
+    assert OPENCLIP_BIGG.embed_dim + 3 * 2 * 256 == unet.SDXL_BASE.adm_in_channels
+
+
+def test_tiny_conditioner_feeds_the_tiny_unet():
+    torch.manual_seed(0)
+    out = Conditioner(TINY_CLIP, TINY_OPENCLIP).encode(["a photo", "x"])
+    assert out["crossattn"].shape == (2, 77, unet.TINY.context_dim)
+    assert out["vector"].shape == (2, unet.TINY.adm_in_channels)
 
 
 @pytest.mark.parametrize("stored", ["int", "float", "missing"])
