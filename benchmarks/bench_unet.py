@@ -7,7 +7,7 @@ Per latent size, batch (2 = classifier-free guidance) and dtype: median millisec
 peak memory of the call, GFLOP from the analytic count `unet_flops` (convs, linears and attention matmuls, as
 torch.utils.flop_counter counts them) and the TFLOP/s it achieves. Next to it the same call through diffusers'
 UNet2DConditionModel built from the same config and sharing our weights (renamed with
-`mini_supir.lora_files.unet_diffusers_names`), the ratio ours / diffusers, and the max abs difference of the two
+`mini_supir.lora_names.unet_diffusers_names`), the ratio ours / diffusers, and the max abs difference of the two
 outputs on the warm-up call. diffusers is optional (`pip install diffusers`); without it its columns read n/a.
 
 Peak memory is what one call allocates above what was held before it (weights, inputs), measured on an
@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mini_supir.control import ControlledUNet  # noqa: E402
-from mini_supir.lora_files import unet_diffusers_names  # noqa: E402
+from mini_supir.lora_names import unet_diffusers_names  # noqa: E402
 from mini_supir.unet import MEDIUM, SDXL_BASE, TINY, UNet, UNetConfig, timestep_embedding  # noqa: E402
 
 PRESETS = {"tiny": TINY, "medium": MEDIUM, "sdxl": SDXL_BASE}

@@ -12,7 +12,8 @@ from torch import nn
 
 from mini_supir.control import ControlledUNet
 from mini_supir.lora import ATTENTION, TEXT, TRANSFORMER, LoRAAdapter, LoRAConv2d, LoRAFileError, LoRALinear, inject_lora, lora_layers, lora_parameters, merge_lora, remove_lora, set_lora_scale, unmerge_lora
-from mini_supir.lora_files import load_lora, read_lora, save_lora, unet_diffusers_names
+from mini_supir.lora_files import load_lora, read_lora, save_lora
+from mini_supir.lora_names import unet_diffusers_names
 from mini_supir.text import TINY_CLIP, TINY_OPENCLIP, Conditioner
 from mini_supir.unet import SDXL_BASE, TINY, UNet, UNetConfig
 from mini_supir.weights import check_keys
@@ -233,13 +234,13 @@ def test_diffusers_names_follow_the_config():
         "output_blocks.2.1": "up_blocks.1.attentions.0", "output_blocks.3.1": "up_blocks.1.attentions.1"}
 
     # Every Linear / Conv2d of each UNet gets exactly one diffusers name.
-    from mini_supir.lora_files import _rename
+    from mini_supir.lora_names import rename
     for c in (SDXL_BASE, TINY, cfg):
         with torch.device("meta"):
             unet = UNet(c)
         table = unet_diffusers_names(c)
         paths = [p for p, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        renamed = [_rename(p, table) for p in paths]
+        renamed = [rename(p, table) for p in paths]
         assert None not in renamed and len(set(renamed)) == len(paths)
 
 

@@ -98,11 +98,11 @@ def hf_te2(ours: dict) -> CLIPTextModelWithProjection:
 def diffusers_unet(ours: dict) -> UNet2DConditionModel:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_unet import diffusers_config
-    from mini_supir.lora_files import _rename
+    from mini_supir.lora_names import rename
     table = unet_diffusers_names(TINY)
     model = UNet2DConditionModel(**diffusers_config(TINY))
-    model.load_state_dict({_rename(k.rpartition(".")[0], table) + "." + k.rpartition(".")[2]
-                           if _rename(k.rpartition(".")[0], table) else k: v for k, v in ours.items()}, strict=True)
+    model.load_state_dict({rename(k.rpartition(".")[0], table) + "." + k.rpartition(".")[2]
+                           if rename(k.rpartition(".")[0], table) else k: v for k, v in ours.items()}, strict=True)
     return model.eval()
 
 
