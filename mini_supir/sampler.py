@@ -2,7 +2,7 @@
 
     x = sample(model, x, sigmas, *, <its options>, generator=None, noise_sampler=None, callback=None)
 
-with x the start latent (noise * sqrt(1 + sigmas[0]^2), as SUPIR scales it) and `model(x, sigma, step)` the
+with x the start latent (`start_latent(noise)`, as SUPIR scales the noise) and `model(x, sigma, step)` the
 guided estimate, built from layers that each wrap the one below:
 
     Denoiser(network)        sgm's DiscreteDenoiserWithControl: D(x, sigma, cond, control_scale)
@@ -14,8 +14,8 @@ guided estimate, built from layers that each wrap the one below:
   SDXL-Lightning sampler); `sample_dpmpp_2m_sde`: SUPIR's RestoreDPMPP2MSampler (its Lightning config).
 - `SAMPLERS`: what the pipeline picks by name (function, schedule, options).
 
-Per-step scalars are computed on the host from the float32 schedule in the reference's operation order, so the
-loops never read back from the device. Line references `sampling.py:L548` etc. are to the files in
+Per-step scalars are host floats computed from the float32 schedule (in the reference's operations, up to
+rounding), so the loops never read back from the device. Line references `sampling.py:L548` etc. are to the files in
 SUPIR/sgm/modules/diffusionmodules/ of github.com/Fanghua-Yu/SUPIR (commit bda91af); `k_diffusion/...` ones to
 github.com/crowsonkb/k-diffusion (commit 4601bf0).
 """
@@ -260,7 +260,7 @@ def sample_dpmpp_2m_sde(model, x: torch.Tensor, sigmas: torch.Tensor, *, eta: fl
     The terms are k-diffusion's (sample_dpmpp_2m_sde, k_diffusion/sampling.py:L611-L652): t = -log sigma,
     h = t_next - t, r = h_last / h. The reference's own choices are kept: no SDE noise on the first step, the
     second-order term as a corrected estimate denoised_d fed to the first-order update (sampling.py:L474-L475;
-    k-diffusion's midpoint form is the same value), first order on the first and the last step. Fixes: eta = 0
+    k-diffusion's midpoint form is the same up to rounding), first order on the first and the last step. Fixes: eta = 0
     gives the deterministic DPM++ 2M sample (the reference's 0 * inf on the last step makes it all NaN), and any
     batch size works (the reference's noise term only broadcasts for batch 1).
 
