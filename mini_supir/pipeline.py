@@ -37,7 +37,7 @@ from .text import DEFAULT_NEGATIVE, DEFAULT_POSITIVE
 from .tiling import TiledDenoiser
 from .weights import WeightsError, resolve_all
 
-SAMPLERS = ("edm", "dpmpp2m", "lightning")
+SAMPLERS = tuple(sampler.SAMPLERS)  # edm, dpmpp2m, lightning
 COLOR_FIXES = ("wavelet", "adain", "none")
 
 # Untiled memory grows with the pixel count as processed (the VAE decoder alone holds several full-size
