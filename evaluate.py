@@ -18,14 +18,17 @@ every method restores it, and the result is compared with the ground truth. Writ
     grid.png            GT | LQ (damage settings: mask) | each method: centre crops of the first images
     images/<method>/    restored images, 8-bit PNG: the metrics are computed on exactly these pixels
     images/lq/          the degraded inputs
-    run.json            what the rows were computed with; a resumed run must match it
+    run.json            what the rows were computed with (a resumed run must match it) and a hash of each GT file
 
 Damage settings (`--setting cracks`) repair instead: the methods are `damaged` (the input as it is, the
 baseline), `fill` (classical inpainting, repair.prefill) and `supir` (mask-guided SUPIR repair), each with the
 automatic damage mask or, with --known-mask, the synthetic damage's own mask.
 
 Rows already in results.csv are not recomputed. An interrupted run resumes where it stopped, and adding a
-method or images computes only the new rows.
+method or images computes only the new rows; the rows of a GT file that changed since are recomputed.
+
+This file is the command line only: the run and its files are mini_supir/evaluation.py, the methods
+eval_methods.py, the summary, charts and grid eval_report.py (drawn with charts.py).
 """
 from __future__ import annotations
 
@@ -111,6 +114,8 @@ def check_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     names = [lora_method_name(f, s) for f, s in args.lora]
     if len(set(names)) != len(names):
         p.error(f"two --lora give the same method name: {names}")
+    if args.out.resolve() == args.gt.resolve():  # bars.png, grid.png, ... would land among (and over) the photos
+        p.error("--out must be another folder than --gt")
     try:
         pick_device(args.device)
     except RuntimeError as e:
