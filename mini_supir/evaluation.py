@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from . import degrade, images
+from .devices import PeakMemory
 from .cli import fail, one_line
 from .metrics import LPIPS, psnr, ssim, ssim_map
 from .niqe import niqe
@@ -125,38 +126,6 @@ def scores(out: torch.Tensor, gt: torch.Tensor, crop: int, lpips: LPIPS | None,
         with torch.no_grad():
             row["lpips"] = lpips(out.to(device), gt.to(device), normalize=True).item()
     return row
-
-
-class PeakMemory:
-    """Peak memory of one call. On a GPU: the CUDA allocator's max_memory_allocated (weights included). On
-    the CPU: the process's peak resident set (VmHWM), reset before each call through /proc/self/clear_refs;
-    where that is not possible (not Linux), the peak since the process started ("rss-lifetime")."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.kind = "cuda" if device.type == "cuda" else "rss"
-
-    def reset(self) -> None:
-        if self.kind == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            self.kind = "rss-lifetime"
-
-    def peak_mib(self) -> float:
-        if self.kind == "cuda":
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-        if self.kind == "rss":
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 @contextmanager
