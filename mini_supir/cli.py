@@ -66,7 +66,7 @@ def number(kind: type = float, low: float | None = None, high: float | None = No
             value = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(value):
+        if kind is float and not math.isfinite(value):  # (an int is finite, and math.isfinite(10**400) overflows)
             raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
         if low is not None and (value < low or (low_open and value == low)):
             raise argparse.ArgumentTypeError(f"{s} must be {'>' if low_open else '>='} {show(low)}")
