@@ -33,14 +33,12 @@ DISPLAY_MAX = 2048  # px, the long side of the slider's images (the PNG for down
 NUMBERS = ("upscale", "steps", "cfg", "control_scale", "restore_cfg", "min_size")  # set from the preset
 
 
-class PhotoInput(gr.Image):
-    """gr.Image that hands over the uploaded file untouched. gradio's own preprocessing opens it with PIL's
-    limits and names the server's path in its errors; the job opens it with images.open_image, whose header
-    check against the job's settings comes before any decoding."""
-    is_template = True  # the browser side is gr.Image's
-
-    def preprocess(self, payload):
-        return None if payload is None else payload.path
+def untouched(payload):
+    """The photo input's preprocessing: the uploaded file as gradio stored it. gradio's own opens it with
+    PIL's limits and names the server's path in its errors; the job opens it with images.open_image, whose
+    header check against the job's settings comes before any decoding. (Set on the component instance: a
+    gr.Image subclass would make gradio write a .pyi stub beside this file at import.)"""
+    return None if payload is None else payload.path
 
 
 def preset_view(mode: str, preset: str) -> list:
@@ -187,8 +185,9 @@ def make_app(args: argparse.Namespace, status: dict | None = None) -> gr.Blocks:
                     "Fast mode runs Real-ESRGAN alone (seconds, offline); the SUPIR modes need its weights.")
         with gr.Row():
             with gr.Column():
-                photo = PhotoInput(label="Photo", type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                                   elem_id="photo")
+                photo = gr.Image(label="Photo", type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                 elem_id="photo")
+                photo.preprocess = untouched
                 mode = gr.Radio([(label, value) for value, label in MODES.items()], value="fast", label="Mode",
                                 elem_id="mode")
                 needs = gr.Markdown(needs_line("fast", args.stage1, status, args.sdxl), elem_id="needs")
