@@ -68,7 +68,7 @@ def job_from(mode, preset, stage1_name, prompt, upscale, seed, random_seed, step
              "color_fix": color_fix or None, "min_size": min_size}
     given = {k: v for k, v in given.items() if v is not None}
     upscale = upscale or None  # 0: the mode's own
-    for name, v in [*given.items(), ("upscale", upscale), ("seed", seed)]:
+    for name, v in [*given.items(), ("upscale", upscale), ("seed", seed), *(("LoRA scale", s) for _, s in loras)]:
         if isinstance(v, float) and not (v == v and abs(v) != float("inf")):
             raise ValueError(f"{name} must be a finite number, not {v}")
     for name in ("steps", "min_size"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -40,6 +41,7 @@ STAGE1_MODES = ("fast", "two-stage")
 SEED = inspect.signature(Restorer.restore_samples).parameters["seed"].default
 TILED = {"tile_vae": True, "tile_size": 1024}  # SUPIR_v0_tiled.yaml: 1024 px windows, VAE in 512 px tiles
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+KEEP_RESULTS = 16  # job folders kept in out_dir: jobs run one at a time, and gradio copies each result away
 
 
 class Cancelled(Exception):
@@ -336,6 +338,8 @@ def run(models: Models, job: Job, photo: Path, out_dir: Path, hooks: Hooks | Non
     image, result, info = work(models, job, Path(photo), hooks)
     before = images.split_alpha(image)[0]
     before = before if before.size == result.size else before.resize(result.size, Image.BICUBIC)
+    for old in sorted(out_dir.iterdir(), key=lambda p: p.stat().st_mtime)[:-KEEP_RESULTS or None]:
+        shutil.rmtree(old, ignore_errors=True)
     path = Path(tempfile.mkdtemp(dir=out_dir)) / f"{Path(_source_name(photo)).stem}_{job.mode}.png"
     images.save_png(result, path, info)
     return Result(result, before, path, info, time.time() - t0)

@@ -135,7 +135,8 @@ def test_weights_status_names_what_is_missing_and_downloads_nothing(monkeypatch,
     monkeypatch.delenv("MINI_SUPIR_OFFLINE", raising=False)
     status = app_jobs.weights_status("sdxl")
     assert status["realesrgan-x4plus"] is None  # the ncnn package's file
-    assert "realesr-general-x4v3.pth" in status["realesr-general-x4v3"] and str(tmp_path) in status["realesr-general-x4v3"]
+    general = status["realesr-general-x4v3"]
+    assert "realesr-general-x4v3.pth" in general and str(tmp_path) in general
     assert "SUPIR-v0Q_fp16.safetensors" in status["Q"] and "downloads are off" in status["Q"]
     assert not list(tmp_path.iterdir()) and "MINI_SUPIR_OFFLINE" not in __import__("os").environ
     missing = app_jobs.missing_for("fidelity", "realesrgan-x4plus", status)
@@ -190,6 +191,17 @@ def test_stage1_reports_each_tile(tmp_path):
     r = app_jobs.run(Models("tiny", lora_dir=tmp_path), Job(mode="fast", stage1="realesr-animevideov3"),
                      tmp_path / "wide.png", tmp_path, Hooks(progress=lambda i, n, what: tiles.append((i, n))))
     assert tiles == [(1, 2), (2, 2)] and r.image.size == (2080, 160)
+
+
+def test_old_results_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(app_jobs, "KEEP_RESULTS", 2)
+    gradient(8, 8).save(tmp_path / "p.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    paths = [app_jobs.run(Models("tiny"), Job(mode="fast", stage1="realesr-animevideov3"), tmp_path / "p.png",
+                          out).path for _ in range(4)]
+    assert sorted(out.iterdir()) == sorted(p.parent for p in paths[1:])  # the two kept and the new one
+    assert Image.open(paths[-1]).size == (32, 32)
 
 
 # -- the HTTP API -------------------------------------------------------------------------------------
@@ -256,7 +268,7 @@ def test_a_lora_from_the_server_folder(client, photos):
 @pytest.mark.parametrize("name, mode, expected", [
     ("notes.png", "fast", "error: photo: not an image (UnidentifiedImageError)"),
     ("huge.png", "fast", "error: photo: 30000x30000 is 900 MP, more than the 537 MP this tool decodes"),
-    ("big.png", "quality", "error: photo: 3000x3000 is processed at 3008x3008 (9.0 MP): above 4.2 MP this needs tiling"),
+    ("big.png", "quality", "error: photo: 3000x3000 is processed at 3008x3008 (9.0 MP): above 4.2 MP this needs"),
 ])
 def test_bad_uploads_are_one_line(client, photos, name, mode, expected):
     line = restore(client, photos / name, mode=mode)[2]

@@ -74,7 +74,8 @@ def test_restore_a_photo_in_the_browser(page_url, browser, tmp_path):
     status = lambda d: d.find_element(By.CSS_SELECTOR, "#status textarea").get_attribute("value")  # noqa: E731
     toasts = lambda d: [t.text for t in d.find_elements(By.CSS_SELECTOR, ".toast-body")]  # noqa: E731
     wait.until(lambda d: status(d).startswith(("done", "error")) or toasts(d))
-    assert status(browser).startswith("done in ") and "512x512 px" in status(browser), (status(browser), toasts(browser))
+    line = status(browser)
+    assert line.startswith("done in ") and "512x512 px" in line, (line, toasts(browser))
     # the slider: both images loaded at the result's size, and a handle to drag
     sizes = wait.until(lambda d: [(i.get_property("naturalWidth"), i.get_property("naturalHeight"))
                                   for i in d.find_elements(By.CSS_SELECTOR, "#result img")
