@@ -183,6 +183,12 @@ def test_progress_preview_and_cancel(tmp_path):
     with pytest.raises(app_jobs.Cancelled):
         app_jobs.run(models, replace(job, given=(("steps", 50), ("min_size", 64))), tmp_path / "p.png", tmp_path, hooks)
     assert isinstance(restorer.denoiser, pipeline.Denoiser) and restorer.pixel_restorer is None
+    steps.clear()
+    hooks = Hooks(progress=lambda i, n, what: steps.append(i))
+    hooks.cancel.set()  # pressed while the VAE runs, before any step: the next layer stops the job
+    with pytest.raises(app_jobs.Cancelled):
+        app_jobs.run(models, job, tmp_path / "p.png", tmp_path, hooks)
+    assert steps == [] and not any(m._forward_pre_hooks for m in restorer.vae.modules())
 
 
 def test_stage1_reports_each_tile(tmp_path):
