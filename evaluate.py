@@ -45,7 +45,7 @@ from mini_supir.eval_methods import SUPIRSpec, build_methods, lora_method_name
 from mini_supir.eval_report import write_reports
 from mini_supir.evaluation import BASELINE, REPAIR_BASELINE, REPAIR_METHODS, Task, run_method, start_run
 from mini_supir.metrics import LPIPS
-from mini_supir.pipeline import SAMPLERS
+from mini_supir.presets import SAMPLERS
 from mini_supir.weights import WeightsError
 
 

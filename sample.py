@@ -29,13 +29,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mini_supir import batch, cli, images, lora_files, outputs, pipeline, stage1, supir
+from mini_supir import batch, cli, devices, images, lora_files, outputs, presets, stage1, supir
 from mini_supir import mask as masks
 from mini_supir.cli import fail, one_line
 from mini_supir.devices import DTYPES, pick_device
 from mini_supir.images import ImageError
 from mini_supir.mask_cli import param_type
-from mini_supir.pipeline import RestoreError, RestoreSettings, Restorer
+from mini_supir.pipeline import RestoreError, Restorer
+from mini_supir.presets import RestoreSettings
 from mini_supir.weights import CheckpointError, WeightsError, resolve_all
 
 # The options that override a RestoreSettings field of the same name (the rest come from the preset).
@@ -117,7 +118,7 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
                       help="SUPIR v0Q, cfg 7.5, cfg start 4 (default)")
     mode.add_argument("--fidelity", dest="mode", action="store_const", const="fidelity",
                       help="SUPIR v0F, cfg 4, cfg start 1")
-    s.add_argument("--sampler", choices=pipeline.SAMPLERS, default="edm",
+    s.add_argument("--sampler", choices=presets.SAMPLERS, default="edm",
                    help="edm (default): SUPIR's restore EDM; dpmpp2m: its Lightning config (8 steps; no --restore-cfg, "
                         "--s-churn, --control-start); lightning: Euler on trailing steps (SDXL-Lightning)")
     s.add_argument("--steps", type=cli.count, help="edm 50, dpmpp2m 8, lightning 4 (at most 1000)")
@@ -136,7 +137,7 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--negative", help="negative prompt (default: SUPIR's)")
     s.add_argument("--seed", type=cli.seed, default=1234, help="sample k of an image uses seed + k")
     s.add_argument("--num-samples", type=cli.count, help="results per image (default: 1, at most 1000)")
-    s.add_argument("--color-fix", choices=pipeline.COLOR_FIXES, help="colours from the stage-1 image (default: wavelet)")
+    s.add_argument("--color-fix", choices=presets.COLOR_FIXES, help="colours from the stage-1 image (default: wavelet)")
 
     r = p.add_argument_group("repair (cracks, scratches, missing paint; docs/repair.md)")
     which = r.add_mutually_exclusive_group()
@@ -195,7 +196,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def settings_from(args: argparse.Namespace) -> RestoreSettings:
-    settings = replace(pipeline.preset(args.mode, args.sampler), **UNUSED.get(args.sampler, {}))
+    settings = replace(presets.preset(args.mode, args.sampler), **UNUSED.get(args.sampler, {}))
     return replace(settings, **{name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None})
 
 
@@ -207,7 +208,7 @@ def mask_params(args: argparse.Namespace) -> masks.MaskParams:
 
 
 def plan(f: Path, name: str, args: argparse.Namespace, settings: RestoreSettings) -> batch.Job:
-    check = None if args.stage1_only else (lambda w, h: pipeline.check_size(w, h, settings))
+    check = None if args.stage1_only else (lambda w, h: presets.check_size(w, h, settings))
     return batch.plan(f, name, check, args.mask, args.clean, args.prompt)
 
 
@@ -334,7 +335,7 @@ def restore_all(args: argparse.Namespace) -> int:
     try:
         settings = settings_from(args)
         params = mask_params(args) if args.repairing else None
-        pipeline.pick_dtypes(pick_device("cpu"), args.dtype, args.vae_dtype)  # refuse fp16 VAE now
+        devices.pick_dtypes(pick_device("cpu"), args.dtype, args.vae_dtype)  # refuse fp16 VAE now
     except ValueError as e:
         fail("settings", one_line(e))
         return 2

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from mini_supir import degrade, lora, lora_files, repair, stage1_train, supir
+from mini_supir import degrade, lora, lora_files, presets, repair, stage1_train, supir
 from mini_supir.sampler import Denoiser
 from mini_supir.train_utils import (DEGRADATIONS, MASK_WEIGHT, REPAIR_DEGRADATIONS, Crops, DataError, Order, atomic,
                                     collate, frobenius, learning_rate, mix, optimizer_step, plot_loss, read_log, rng_state,
@@ -311,7 +311,7 @@ class Trainer:
             lq, _ = DEGRADATIONS[self.args.degradation](hq, generator)
         caption = path.with_suffix(".txt").read_text().strip() if path.with_suffix(".txt").exists() else self.args.default_caption
         # the LQ is given at the HQ size, as in training; SUPIR's Quality settings with few steps
-        settings = replace(pipeline.QUALITY, steps=self.args.preview_steps, min_size=0, prompt=caption)
+        settings = replace(presets.QUALITY, steps=self.args.preview_steps, min_size=0, prompt=caption)
         restorer = pipeline.Restorer(self.model, self.device, self.dtype, self.dtype)
         restorer.encode_prompts([settings.positive_text, settings.negative])
         to_pil = lambda x: Image.fromarray(degrade.to_uint8(x)[0])  # noqa: E731

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mini_supir import pipeline, supir  # noqa: E402
+from mini_supir import pipeline, presets, supir  # noqa: E402
 from mini_supir.devices import DTYPES, PeakMemory  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def timed(device: torch.device, fn):
     return out, time.perf_counter() - t0, meter.peak_mib()
 
 
-def run(restorer: pipeline.Restorer, image: Image.Image, settings: pipeline.RestoreSettings, seed: int = 0):
+def run(restorer: pipeline.Restorer, image: Image.Image, settings: presets.RestoreSettings, seed: int = 0):
     restorer._text.clear()  # time the text encoders every run
     lq = pipeline.prepare(image, settings).lq
     d = restorer.device
@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", choices=["tiny", "medium"], default="tiny")
     p.add_argument("--size", type=int, default=512, help="square image side, px (multiple of 64)")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--sampler", choices=pipeline.SAMPLERS, default="edm")
+    p.add_argument("--sampler", choices=presets.SAMPLERS, default="edm")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     p.add_argument("--tile-vae", action="store_true")
@@ -64,7 +64,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    settings = replace(pipeline.preset("quality", args.sampler), steps=args.steps, min_size=0,
+    settings = replace(presets.preset("quality", args.sampler), steps=args.steps, min_size=0,
                        tile_vae=args.tile_vae, tile_size=args.tile_size)
     restorer = pipeline.Restorer.random(supir.PRESETS[args.model], device=device, dtype=args.dtype)
     rng = np.random.default_rng(0)

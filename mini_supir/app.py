@@ -19,7 +19,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from . import app_jobs, cli, pipeline, stage1, supir
+from . import app_jobs, cli, presets, stage1, supir
 from .app_jobs import MODES, PRESETS, SEED, Job
 from .devices import DTYPES
 from .weights import WEIGHTS_DIR
@@ -42,9 +42,9 @@ def untouched(payload):
 
 
 def preset_view(mode: str, preset: str) -> list:
-    """Updates for the fields that depend on the mode: the preset's values (pipeline.preset, the CLI's
+    """Updates for the fields that depend on the mode: the preset's values (presets.preset, the CLI's
     defaults), and which controls the mode uses. Upscale 0 is the mode's own: fast the network's scale."""
-    s = pipeline.preset(*PRESETS[mode if mode in PRESETS else preset])
+    s = presets.preset(*PRESETS[mode if mode in PRESETS else preset])
     supir_mode = mode != "fast"
     values = {"upscale": s.upscale if supir_mode else 0, "steps": s.steps, "cfg": s.cfg,
               "control_scale": s.control_scale, "restore_cfg": s.restore_cfg, "min_size": s.min_size}
@@ -206,7 +206,7 @@ def make_app(args: argparse.Namespace, status: dict | None = None) -> gr.Blocks:
                         control_scale = gr.Number(label="Control scale")
                     with gr.Row():
                         restore_cfg = gr.Number(label="Restoration guidance")
-                        color_fix = gr.Dropdown(list(pipeline.COLOR_FIXES), value=None, label="Colour fix")
+                        color_fix = gr.Dropdown(list(presets.COLOR_FIXES), value=None, label="Colour fix")
                         min_size = gr.Number(label="Min size (px)", precision=0, minimum=0)
                     tiled = gr.Checkbox(False, label="Tiling for large photos (VAE tiles, 1024 px sampling windows)")
                 with gr.Accordion("Repair mask", open=False, visible=False) as mask_box:

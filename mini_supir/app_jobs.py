@@ -21,11 +21,12 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from . import images, lora_files, pipeline, repair, stage1, weights
+from . import images, lora_files, pipeline, presets, repair, stage1, weights
 from . import mask as masks
 from .cli import one_line
 from .images import ImageError
-from .pipeline import RestoreError, RestoreSettings, Restorer
+from .pipeline import RestoreError, Restorer
+from .presets import RestoreSettings
 from .weights import CheckpointError, WeightsError
 
 MODES = {  # value -> label; the value is what the HTTP API takes
@@ -51,7 +52,7 @@ class Cancelled(Exception):
 @dataclass(frozen=True)
 class Job:
     """One restoration as the page asks for it. `given`: the RestoreSettings fields typed on the page; every
-    other field is the preset's (pipeline.preset: the CLI's defaults)."""
+    other field is the preset's (presets.preset: the CLI's defaults)."""
     mode: str = "fast"
     preset: str = "quality"             # SUPIR settings of two-stage and repair (the SUPIR modes are their own)
     stage1: str = "realesrgan-x4plus"
@@ -72,7 +73,7 @@ class Job:
         """The preset's settings with what the page set; raises ValueError naming a bad value."""
         if self.mode not in MODES or self.preset not in PRESETS:
             raise ValueError(f"mode must be one of {', '.join(MODES)} and preset one of {', '.join(PRESETS)}")
-        base = pipeline.preset(*PRESETS[self.supir_preset or "quality"])
+        base = presets.preset(*PRESETS[self.supir_preset or "quality"])
         given = {**dict(self.given), **({} if self.upscale is None else {"upscale": self.upscale})}
         if self.mode == "repair" and given.get("upscale", 1) != 1:
             raise ValueError("crack repair keeps the pixels outside the mask, so it works at the input size: "

@@ -13,7 +13,8 @@ from typing import Callable
 from . import images, mask as masks, outputs, pipeline, repair
 from .cli import one_line
 from .images import ImageError
-from .pipeline import RestoreSettings, Restorer
+from .pipeline import Restorer
+from .presets import RestoreSettings
 from .stage1 import Upscaler
 
 MASK_FILES = ("{name}_mask.png", "{stem}_mask.png", "{stem}.png")  # a --mask folder's file for an input

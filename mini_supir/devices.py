@@ -31,6 +31,18 @@ def parse_dtype(dtype: str | torch.dtype | None, default: torch.dtype) -> torch.
     return DTYPES[dtype]
 
 
+def pick_dtypes(device: torch.device, dtype: str | torch.dtype | None = None,
+                vae_dtype: str | torch.dtype | None = None) -> tuple[torch.dtype, torch.dtype]:
+    """(diffusion + text dtype, VAE dtype). Defaults as SUPIR: fp16 UNet and bf16 VAE on CUDA; fp32 on CPU
+    (half-precision matmuls are slow there) and fp32 VAE on MPS."""
+    gpu = device.type in ("cuda", "mps")
+    unet = parse_dtype(dtype, torch.float16 if gpu else torch.float32)
+    vae = parse_dtype(vae_dtype, torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32)
+    if vae == torch.float16:
+        raise ValueError("the SDXL VAE overflows to NaN in fp16: use --vae-dtype bf16 or fp32")
+    return unet, vae
+
+
 class PeakMemory:
     """Peak memory of one call. On a GPU: the CUDA allocator's max_memory_allocated (weights included). On
     the CPU: the process's peak resident set (VmHWM), reset before each call through /proc/self/clear_refs;

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from . import images, pipeline, repair, stage1
+from . import images, pipeline, presets, repair, stage1
 from . import mask as masks
 from .cli import one_line
 from .degrade import upsample
@@ -55,7 +55,7 @@ class SUPIRMethod:
     """SUPIR through pipeline.Restorer. The model is loaded by open() and freed by close(); methods run one
     after the other, so one model is in memory at a time."""
 
-    def __init__(self, load: Callable[[], pipeline.Restorer], settings: pipeline.RestoreSettings, seed: int,
+    def __init__(self, load: Callable[[], pipeline.Restorer], settings: presets.RestoreSettings, seed: int,
                  use_known: bool = False):
         self.load, self.settings, self.seed, self.use_known = load, settings, seed, use_known
         self.restorer: pipeline.Restorer | None = None
@@ -123,9 +123,9 @@ class SUPIRSpec:
     steps: int | None = None
     min_size: int | None = None
 
-    def settings(self) -> pipeline.RestoreSettings:
+    def settings(self) -> presets.RestoreSettings:
         given = {"steps": self.steps, "min_size": self.min_size}
-        return replace(pipeline.preset(self.mode, self.sampler), **{k: v for k, v in given.items() if v is not None})
+        return replace(presets.preset(self.mode, self.sampler), **{k: v for k, v in given.items() if v is not None})
 
 
 def two_stage_restorer(spec: SUPIRSpec, loras: tuple, first: str | None, device: str, **placement

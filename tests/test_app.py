@@ -14,7 +14,7 @@ from PIL import Image
 gr = pytest.importorskip("gradio")
 client_lib = pytest.importorskip("gradio_client")
 
-from mini_supir import app, app_jobs, images, pipeline, repair, stage1  # noqa: E402
+from mini_supir import app, app_jobs, images, pipeline, presets, repair, stage1  # noqa: E402
 from mini_supir import mask as masks  # noqa: E402
 from mini_supir.app_jobs import Hooks, Job, Models  # noqa: E402
 from mini_supir.weights import WeightsError  # noqa: E402
@@ -99,10 +99,10 @@ def result_of(out):
 
 
 def test_settings_are_the_presets_with_what_the_page_set():
-    assert Job(mode="lightning").settings() == pipeline.preset("quality", "dpmpp2m")
-    assert Job(mode="two-stage", preset="fidelity").settings() == pipeline.preset("fidelity", "edm")
+    assert Job(mode="lightning").settings() == presets.preset("quality", "dpmpp2m")
+    assert Job(mode="two-stage", preset="fidelity").settings() == presets.preset("fidelity", "edm")
     s = Job(mode="quality", prompt="a cat", given=(("steps", 7), ("cfg", 3.0))).settings()
-    assert s == replace(pipeline.preset(), steps=7, cfg=3.0, prompt="a cat")
+    assert s == replace(presets.preset(), steps=7, cfg=3.0, prompt="a cat")
     with pytest.raises(ValueError, match="input size"):
         Job(mode="repair", upscale=2).settings()
     with pytest.raises(ValueError, match="steps"):
@@ -116,7 +116,7 @@ def test_settings_are_the_presets_with_what_the_page_set():
 def test_page_values_become_a_job():
     job = app.job_from("quality", "quality", "realesrgan-x4plus", "", None, 5, False, 3, None, None, None, "",
                        64, True, "auto", None, [("style.safetensors", 0.5), (None, 1.0)])
-    assert job.settings() == replace(pipeline.preset(), steps=3, min_size=64, tile_vae=True, tile_size=1024)
+    assert job.settings() == replace(presets.preset(), steps=3, min_size=64, tile_vae=True, tile_size=1024)
     assert (job.seed, job.loras) == (5, (("style.safetensors", 0.5),))
     random = {app.job_from("fast", "quality", None, "", None, 5, True, *[None] * 5, None, False, "auto", None,
                            []).seed for _ in range(4)}
@@ -229,8 +229,8 @@ def test_supir_modes(client, photos, mode, preset):
     given = {"min_size": 64} if mode == "lightning" else SUPIR_FAST  # Lightning: the preset's 8 steps
     result, info, line = result_of(restore(client, photos / "photo.png", mode=mode, seed=7, **given))
     assert result.size == (32, 32) and "seed 7" in line
-    expected = replace(pipeline.preset(*preset), min_size=64, **({} if mode == "lightning" else {"steps": 2}))
-    assert pipeline.RestoreSettings.from_dict(info["settings"]) == expected
+    expected = replace(presets.preset(*preset), min_size=64, **({} if mode == "lightning" else {"steps": 2}))
+    assert presets.RestoreSettings.from_dict(info["settings"]) == expected
     assert (info["seed"], info["weights"], info["mode"]) == (7, "random tiny (seed 0)", mode)
     assert ("stage1" in info) == (mode == "two-stage")
 

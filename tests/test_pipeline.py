@@ -10,8 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mini_supir import pipeline, supir, text
-from mini_supir.pipeline import ImageError, RestoreError, RestoreSettings, Restorer
+from mini_supir import pipeline, presets, supir, text
+from mini_supir.images import ImageError
+from mini_supir.pipeline import RestoreError, Restorer
+from mini_supir.presets import RestoreSettings
 
 FAST = RestoreSettings(min_size=0, steps=2)
 
@@ -35,19 +37,19 @@ def pixels(im: Image.Image) -> np.ndarray:
 
 def test_processing_size_as_supir():
     # short side 384 -> 1024 (x 2.667): 1365.3 x 1024 -> multiples of 64; the result keeps the input size
-    assert pipeline.processing_size(512, 384, 1, 1024) == ((1344, 1024), (512, 384))
-    assert pipeline.processing_size(100, 60, 4, 0) == ((384, 256), (400, 240))
-    assert pipeline.processing_size(2000, 1000, 1, 1024) == ((2048, 1024), (2000, 1000))  # 1000 -> 1024 first
-    assert pipeline.processing_size(1500, 1100, 1, 1024) == ((1472, 1088), (1500, 1100))
-    assert pipeline.processing_size(10, 10, 1, 0) == ((64, 64), (10, 10))
+    assert presets.processing_size(512, 384, 1, 1024) == ((1344, 1024), (512, 384))
+    assert presets.processing_size(100, 60, 4, 0) == ((384, 256), (400, 240))
+    assert presets.processing_size(2000, 1000, 1, 1024) == ((2048, 1024), (2000, 1000))  # 1000 -> 1024 first
+    assert presets.processing_size(1500, 1100, 1, 1024) == ((1472, 1088), (1500, 1100))
+    assert presets.processing_size(10, 10, 1, 0) == ((64, 64), (10, 10))
 
 
 def test_presets_are_supirs_settings():
-    q, f = pipeline.QUALITY, pipeline.FIDELITY
+    q, f = presets.QUALITY, presets.FIDELITY
     assert (q.sampler, q.steps, q.cfg, q.cfg_start, q.control_scale, q.restore_cfg, q.s_noise) == \
         ("edm", 50, 7.5, 4.0, 1.0, 4.0, 1.003)
     assert (f.cfg, f.cfg_start) == (4.0, 1.0)
-    light_q, light_f = pipeline.preset("quality", "dpmpp2m"), pipeline.preset("fidelity", "dpmpp2m")
+    light_q, light_f = presets.preset("quality", "dpmpp2m"), presets.preset("fidelity", "dpmpp2m")
     assert (light_q.steps, light_q.cfg, light_q.cfg_start, light_f.cfg, light_f.cfg_start) == (8, 2.0, 2.0, 1.5, 1.5)
     assert q.positive == text.DEFAULT_POSITIVE and q.negative == text.DEFAULT_NEGATIVE
 
@@ -127,7 +129,7 @@ def test_samplers_and_cfg_free_lightning(restorer):
     network = restorer.denoiser.network
     restorer.denoiser.network = lambda x, *a: batch_sizes.append(x.shape[0]) or network(x, *a)
     try:
-        for s in (replace(pipeline.LIGHTNING, min_size=0, steps=2), replace(pipeline.EULER_LIGHTNING, min_size=0, steps=2)):
+        for s in (replace(presets.LIGHTNING, min_size=0, steps=2), replace(presets.EULER_LIGHTNING, min_size=0, steps=2)):
             assert np.isfinite(pixels(restorer.restore(photo(), s, seed=0))).all()
     finally:
         restorer.denoiser.network = network
@@ -169,7 +171,7 @@ def test_tiled_vae_matches_untiled_with_bounded_tiles():
 def test_color_fix_follows_stage1(restorer):
     st1 = restorer.stage1(pipeline.prepare(photo(), FAST).lq, FAST)
     latent = restorer.sample(st1, FAST, torch.Generator().manual_seed(0))
-    out = {c: restorer.decode(latent, st1, replace(FAST, color_fix=c)) for c in pipeline.COLOR_FIXES}
+    out = {c: restorer.decode(latent, st1, replace(FAST, color_fix=c)) for c in presets.COLOR_FIXES}
     style_mean = st1.x_stage1.mean(dim=(2, 3))
     assert (out["adain"].mean(dim=(2, 3)) - style_mean).abs().max() < 0.05  # AdaIN takes the style's mean
     assert not torch.allclose(out["wavelet"], out["none"]) and not torch.allclose(out["adain"], out["none"])

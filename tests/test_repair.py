@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from mini_supir import pipeline, repair, sampler, supir
-from mini_supir.pipeline import RestoreSettings, Restorer
+from mini_supir.pipeline import Restorer
+from mini_supir.presets import RestoreSettings
 
 FAST = RestoreSettings(min_size=0, steps=3)
 

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sample  # noqa: E402
 from mini_supir import lora, lora_files, supir  # noqa: E402
 from mini_supir.images import read_png_info  # noqa: E402
-from mini_supir.pipeline import RestoreSettings  # noqa: E402
+from mini_supir.presets import RestoreSettings  # noqa: E402
 
 SUPIR_PREFIXES = ("model.control_model.", "model.diffusion_model.project_modules.", "first_stage_model.denoise_encoder.")
 

@@ -5,7 +5,7 @@ import torch
 
 from reference_configs import unet_config
 from fixtures import REFERENCE, Fixture
-from mini_supir import pipeline, sampler as S
+from mini_supir import presets, sampler as S
 from mini_supir.tiling import TiledDenoiser, gaussian_weights, sliding_windows
 
 
@@ -287,8 +287,8 @@ def test_dpmpp2m_batch2_matches_batch1():
 
 
 def test_samplers_table():
-    assert pipeline.SAMPLERS == ("edm", "dpmpp2m", "lightning")
-    assert all(hasattr(pipeline.QUALITY, name) for entry in S.SAMPLERS.values() for name in entry.options)
+    assert presets.SAMPLERS == ("edm", "dpmpp2m", "lightning")
+    assert all(hasattr(presets.QUALITY, name) for entry in S.SAMPLERS.values() for name in entry.options)
     assert not S.SAMPLERS["dpmpp2m"].restoration  # the reference's DPM++ ignores restore_cfg and control_start
     net = ToyNet()
     c, _ = toy_cond()

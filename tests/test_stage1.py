@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mini_supir import esrgan, ncnn, stage1
+from mini_supir import esrgan, ncnn, presets, stage1
 from mini_supir.images import read_png_info, to_tensor
 from mini_supir.weights import CheckpointError
 
@@ -199,10 +199,10 @@ def test_stage1_bad_input(tmp_path, argv, code, message):
 def test_two_stage_feeds_the_stage1_result_to_supir(tmp_path):
     from mini_supir import pipeline
     up = stage1.Upscaler.load("realesr-animevideov3")
-    image, settings = crop(), pipeline.RestoreSettings(upscale=2, min_size=0)
+    image, settings = crop(), presets.RestoreSettings(upscale=2, min_size=0)
     lq = pipeline.prepare(image, settings, up).lq  # 64x48 -> network x4 -> the 128x128 processing size
     expected = up.upscale_image(image).resize((128, 128), Image.LANCZOS)
-    assert torch.equal(lq, pipeline.prepare(expected, pipeline.RestoreSettings(min_size=0)).lq)
+    assert torch.equal(lq, pipeline.prepare(expected, presets.RestoreSettings(min_size=0)).lq)
     image.save(tmp_path / "p.png")
     code, err = cli("--model", "tiny", "--image", tmp_path / "p.png", "--stage1", "realesr-animevideov3", "--min-size",
                     "128", "--steps", "2", "--out", tmp_path / "out")
