@@ -171,7 +171,7 @@ def _unet_with_lora():
     return model
 
 
-@pytest.mark.parametrize("extra, message", [(["--lora-rank", "0"], "--lora-rank must be >= 1"),
+@pytest.mark.parametrize("extra, message", [(["--lora-rank", "0"], "argument --lora-rank: 0 must be >= 1"),
                                             (["--resolution", "30"], "--resolution must be a multiple"),
                                             (["--degradation", "jpeg30"], "invalid choice: 'jpeg30'")])
 def test_bad_options_exit_2(tmp_path, extra, message):

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from mini_supir import lora_files, supir  # noqa: E402
-from mini_supir.train_utils import Order  # noqa: E402
+from mini_supir.train_data import Order  # noqa: E402
 
 IMAGES = ROOT.parent / "shared" / "images"
 PHOTOS = sorted(p for p in IMAGES.glob("*") if p.suffix in (".png", ".jpg"))
@@ -148,13 +148,13 @@ def test_trains_from_weight_files(tmp_path):
 
 def test_repair_task_trains_with_the_loss_weighted_to_the_mask(tmp_path):
     from mini_supir import degrade, repair
-    from mini_supir.train_utils import DEGRADATIONS
+    from mini_supir.train_data import DEGRADATIONS
     hq = degrade.load_image(IMAGES / "coffee.png")[..., :128, :128]
     lq, weight = DEGRADATIONS["cracks-paint"](hq, torch.Generator().manual_seed(0))
     damaged, hole = degrade.damage(hq, "cracks-paint", generator=torch.Generator().manual_seed(0))
     soft = repair.soft_mask(hole[0, 0])
     assert hole.float().mean() > 0.01
-    torch.testing.assert_close(weight, 1 + 9 * soft[None, None])  # train_utils.MASK_WEIGHT = 9
+    torch.testing.assert_close(weight, 1 + 9 * soft[None, None])  # train_data.MASK_WEIGHT = 9
     filled = (soft >= repair.HOLE).expand_as(lq[0])
     assert torch.equal(lq[0][~filled], damaged[0][~filled])  # the LQ is the damaged crop, prefilled as in repair
     assert (lq[0][filled] - damaged[0][filled]).abs().mean() > 0.05
