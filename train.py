@@ -322,9 +322,9 @@ def train(args, procs: Processes) -> int:
     if args.preview_every > 0 and procs.main:
         path = args.preview_image or files[0]
         pair = preview_pair(path, read_caption(path, args.default_caption), args.resolution, args.degradation, args.seed)
+    state = read_resume(args, procs.world) if args.resume is not None else None
     folder = RunFolder(args.out, args.resume is not None) if procs.main else None
     try:
-        state = read_resume(args, procs.world) if args.resume is not None else None
         default = torch.bfloat16 if procs.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         dtype = parse_dtype(args.dtype, default)  # cast while reading: host RAM holds one copy at this precision
         restorer = Restorer.load(args.model, sdxl=args.sdxl, supir_file=args.supir, device=procs.device, dtype=dtype,

@@ -118,12 +118,12 @@ def scan_folder(folder: Path, default_caption: str, warn: bool) -> tuple[list[Pa
     return files, captions, sizes
 
 
-def load_image(path: Path, max_pixels: int = MAX_TRAIN_PIXELS) -> torch.Tensor:
-    """(1, 3, H, W) in [0, 1]: an image file, scaled down (PIL's Lanczos, in 8 bits) to at most `max_pixels`."""
+def load_image(path: Path) -> torch.Tensor:
+    """(1, 3, H, W) in [0, 1]: an image file, scaled down (PIL's Lanczos, in 8 bits) to MAX_TRAIN_PIXELS."""
     image = images.split_alpha(images.open_image(path), background=None)[0]
     w, h = image.size
-    if w * h > max_pixels:
-        s = (max_pixels / (w * h)) ** 0.5
+    if w * h > MAX_TRAIN_PIXELS:
+        s = (MAX_TRAIN_PIXELS / (w * h)) ** 0.5
         image = image.resize((max(1, int(w * s)), max(1, int(h * s))), Image.LANCZOS, reducing_gap=3.0)
     return images.to_tensor(image)
 

@@ -10,12 +10,12 @@ contradicts), 1 for weight or checkpoint files that are missing or unreadable an
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import os
 import re
 import signal
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -92,8 +92,8 @@ STALE = re.compile(r"\.(checkpoint\.pt|lora\.safetensors|(train|val)_log\.csv|lo
 
 
 class RunFolder:
-    """--out, made and tried for writing before any work (so a typo fails in a second, not at the first
-    checkpoint); locked while the run lasts, so two runs cannot write into one folder; cleared of the
+    """--out, made (or checked for writing) before any work, so a typo fails in a second, not at the first
+    checkpoint; locked while the run lasts, so two runs cannot write into one folder; cleared of the
     temporary files a killed run left. Without `resume`, a folder that holds a run is refused (its checkpoint
     would be overwritten). `close` removes the folders it made that stayed empty."""
 
@@ -107,9 +107,8 @@ class RunFolder:
         self.created = [p for p in (path, *path.parents) if not p.exists()][::-1]
         try:
             path.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
-            os.close(fd)
-            os.unlink(probe)
+            if not os.access(path, os.W_OK | os.X_OK):  # modes, and read-only file systems even for root
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
             self.lock = os.open(path, os.O_RDONLY)
         except OSError as e:
             self.close()
