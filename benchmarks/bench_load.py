@@ -17,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-SUPIR_PREFIXES = ("model.control_model.", "model.diffusion_model.project_modules.", "first_stage_model.denoise_encoder.")
+from mini_supir.devices import DTYPES  # noqa: E402
+from mini_supir.supir import SUPIR_PARTS  # noqa: E402
 
 
-def peak_rss_mb() -> float:
+def peak_rss_mb() -> float:  # the whole child process's peak: a fresh process per measurement
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -31,7 +31,7 @@ def child(args):
 
     from mini_supir import supir
     cfg = supir.PRESETS[args.preset]
-    dtype = getattr(torch, DTYPES[args.dtype])
+    dtype = DTYPES[args.dtype]
     if args.step == "build":
         t = time.perf_counter()
         model = supir.build(cfg, "meta")
@@ -43,8 +43,8 @@ def child(args):
             model = supir.SUPIR(cfg)
         sd = {k: torch.randn(v.shape, dtype=dtype) * 0.02 if v.is_floating_point() else torch.zeros(v.shape, dtype=v.dtype)
               for k, v in model.state_dict().items()}
-        save_file({k: v for k, v in sd.items() if not k.startswith(SUPIR_PREFIXES)}, f"{args.dir}/sdxl.safetensors")
-        save_file({k: v for k, v in sd.items() if k.startswith(SUPIR_PREFIXES)}, f"{args.dir}/supir.safetensors")
+        save_file({k: v for k, v in sd.items() if not k.startswith(SUPIR_PARTS)}, f"{args.dir}/sdxl.safetensors")
+        save_file({k: v for k, v in sd.items() if k.startswith(SUPIR_PARTS)}, f"{args.dir}/supir.safetensors")
         return {"bytes": sum(p.stat().st_size for p in Path(args.dir).glob("*.safetensors"))}
     t = time.perf_counter()
     model = supir.load(cfg, f"{args.dir}/sdxl.safetensors", f"{args.dir}/supir.safetensors")

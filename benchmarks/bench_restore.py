@@ -5,14 +5,13 @@
 
 Stages: text encode (positive + negative prompt, once), stage 1 (denoise-encode + decode), sampling (re-encode
 of the stage-1 image + the sampler loop), decode (+ colour fix). Peak memory: torch.cuda.max_memory_allocated
-per stage on a GPU; on the CPU the process's peak RSS so far (resource.getrusage: it never goes down, so read
-the increase from row to row). Random weights cost exactly what trained ones do. On a GPU one untimed
+per stage on a GPU; on the CPU the peak resident set of each stage (devices.PeakMemory: VmHWM, reset before
+each stage). Random weights cost exactly what trained ones do. On a GPU one untimed
 warm-up run comes first.
 """
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from dataclasses import replace
@@ -24,24 +23,18 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mini_supir import pipeline, supir  # noqa: E402
-from mini_supir.devices import DTYPES  # noqa: E402
-
-
-def peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+from mini_supir.devices import DTYPES, PeakMemory  # noqa: E402
 
 
 def timed(device: torch.device, fn):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    """(fn(), seconds, peak MiB of the call: CUDA allocator on a GPU, resident set on the CPU)."""
+    meter = PeakMemory(device)
+    meter.reset()
     t0 = time.perf_counter()
     out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return out, time.perf_counter() - t0, peak_mb(device)
+    return out, time.perf_counter() - t0, meter.peak_mib()
 
 
 def run(restorer: pipeline.Restorer, image: Image.Image, settings: pipeline.RestoreSettings, seed: int = 0):
@@ -78,11 +71,12 @@ def main(argv=None) -> None:
     image = Image.fromarray(rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8))
     params = sum(p.numel() for p in restorer.model.parameters()) / 1e6
 
-    before = peak_mb(device)
+    meter = PeakMemory(device)
+    before = meter.peak_mib()
     if device.type == "cuda":  # warm-up (kernel selection, allocator); on the CPU it would hide the peaks
         run(restorer, image, replace(settings, steps=1))
     rows = run(restorer, image, settings)
-    mem = "peak allocated MiB" if device.type == "cuda" else "peak RSS MiB (so far)"
+    mem = "peak allocated MiB" if device.type == "cuda" else "peak RSS MiB"
     print(f"model {args.model} ({params:.1f} M params, random), {args.size}x{args.size} px, {args.sampler} "
           f"{args.steps} steps, {device} {str(restorer.dtype).removeprefix('torch.')}, torch threads "
           f"{torch.get_num_threads()}; peak before: {before:.0f} MiB")

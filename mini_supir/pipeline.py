@@ -26,17 +26,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import colorfix, repair, supir
+from . import colorfix, repair, sampler, supir
 from .cli import one_line
 from .devices import parse_dtype, pick_device
 from .images import GREY_MODES, MAX_INPUT_PIXELS, ImageError, split_alpha
 from .images import open_image as _open_image
-from .sampler import Denoiser, sample_lightning, sample_restore_dpmpp2m, sample_restore_edm
+from .sampler import Denoiser, GuidedModel
 from .stage1 import Upscaler
 from .text import DEFAULT_NEGATIVE, DEFAULT_POSITIVE
+from .tiling import TiledDenoiser
 from .weights import WeightsError, resolve_all
 
-SAMPLERS = ("edm", "dpmpp2m", "lightning")
+SAMPLERS = tuple(sampler.SAMPLERS)  # edm, dpmpp2m, lightning
 COLOR_FIXES = ("wavelet", "adain", "none")
 
 # Untiled memory grows with the pixel count as processed (the VAE decoder alone holds several full-size
@@ -433,6 +434,15 @@ class Restorer:
             denoiser = repair.MaskedDenoiser(self.denoiser)
             noise, z_stage1 = known.start(noise), known.blend(z_stage1)
             cond, uncond = known.pack(cond), known.pack(uncond)
+        if settings.tile_size is not None:
+            stride = settings.tile_stride or settings.tile_size // 2
+            denoiser = TiledDenoiser(denoiser, settings.tile_size // self.factor, stride // self.factor)
+        chosen = sampler.SAMPLERS[settings.sampler]
+        sigmas = chosen.sigmas(settings.steps)
+        restoration = dict(x_center=z_stage1, restore_cfg=settings.restore_cfg,
+                           control_scale_start=settings.control_start) if chosen.restoration else {}
+        model = GuidedModel(denoiser, cond, uncond, sigmas, cfg_scale=settings.cfg, cfg_scale_start=settings.cfg_start,
+                            control_scale=settings.control_scale, **restoration)
 
         def callback(i, info):
             if not torch.isfinite(info["x"]).all():
@@ -441,25 +451,9 @@ class Restorer:
             if on_step is not None:
                 on_step(i + 1, settings.steps)
 
-        tiles = {}
-        if settings.tile_size is not None:
-            stride = settings.tile_stride or settings.tile_size // 2
-            tiles = dict(tile_size=settings.tile_size // self.factor, tile_stride=stride // self.factor)
-        common = dict(num_steps=settings.steps, cfg_scale=settings.cfg, cfg_scale_start=settings.cfg_start,
-                      control_scale=settings.control_scale, generator=generator, callback=callback, **tiles)
         with self._running(self.unet):
-            if settings.sampler == "edm":
-                return sample_restore_edm(denoiser, noise, z_stage1, cond, uncond, s_churn=settings.s_churn,
-                                          s_noise=settings.s_noise, restore_cfg=settings.restore_cfg,
-                                          control_scale_start=settings.control_start, **common)
-            if settings.sampler == "dpmpp2m":
-                return sample_restore_dpmpp2m(denoiser, noise, cond, uncond, eta=settings.eta,
-                                              s_noise=settings.s_noise, **common)
-            # Lightning models are distilled without CFG: at scale 1 skip the unconditional half entirely
-            guided = settings.cfg != 1.0 or settings.cfg_start not in (None, 1.0)
-            return sample_lightning(denoiser, noise, z_stage1, cond, uncond if guided else None,
-                                    restore_cfg=settings.restore_cfg, control_scale_start=settings.control_start,
-                                    **common)
+            return chosen.sample(model, sampler.start_latent(noise), sigmas, generator=generator, callback=callback,
+                                 **{name: getattr(settings, name) for name in chosen.options})
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor, st1: Stage1, settings: RestoreSettings) -> torch.Tensor:

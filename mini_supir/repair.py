@@ -19,8 +19,8 @@ in three steps, all plain functions here that the pipeline, evaluation and train
    follows the input re-noised to each sigma and ends exactly at z_known, while the masked region is
    generated in its context. This is RePaint's replacement (Lugmayr et al. 2022) done inside the denoiser
    rather than in a sampler callback: the samplers stay untouched, and tiled sampling works because z_known
-   and m travel as extra channels of cond["control"], which the tiler cuts to each window like the LQ
-   latent. The restoration-guidance target is blended the same way, so it pulls nothing outside the mask.
+   and m travel as extra channels of cond["control"], which tiling.TiledDenoiser cuts to each window like
+   the LQ latent. The restoration-guidance target is blended the same way, so it pulls nothing outside the mask.
    With control_scale 0 this is plain SDXL inpainting.
 3. `composite`: the decoded result is blended into the original with the pixel mask, in 8 bits, so every
    pixel with m = 0 is byte-identical to the input.
@@ -124,9 +124,9 @@ class Known:
         return self.mask * generated + (1 - self.mask) * self.z
 
     def start(self, noise: torch.Tensor, sigma_max: float | None = None) -> torch.Tensor:
-        """The sampler's `noise` argument such that its start, noise * sqrt(1 + sigma_max^2), is the usual
-        pure noise inside the mask and z + sigma_max * noise outside. Every sampler here starts at the
-        largest training sigma."""
+        """The noise such that the sampler's start latent, `sampler.start_latent(noise)` = noise * sqrt(1 +
+        sigma_max^2), is the usual pure noise inside the mask and z + sigma_max * noise outside. Every
+        sampler here starts at the largest training sigma."""
         sigma_max = float(denoiser_sigmas()[-1]) if sigma_max is None else sigma_max
         scale = (1.0 + sigma_max ** 2) ** 0.5
         return self.mask * noise + (1 - self.mask) * (self.z + sigma_max * noise) / scale

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -33,7 +32,7 @@ import torch
 from PIL import Image
 
 from . import cli, degrade, esrgan, images, lora, metrics, stage1
-from .devices import DTYPES
+from .devices import DTYPES, PeakMemory
 from .niqe import niqe
 from .train_data import Crops, DataError, Order, centre_crop, collate, load_image, mix, scan_folder
 from .train_run import OptionError, Parser, Progress, RunFolder, StopSignal, TrainingError, option_problems, run
@@ -118,11 +117,6 @@ def pixel_loss(out: torch.Tensor, hq: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "charbonnier":
         return torch.sqrt((out - hq) ** 2 + 1e-6).mean()  # eps 1e-3, as BasicSR's CharbonnierLoss
     return (out - hq).abs().mean()
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Stage1Trainer:
@@ -303,7 +297,7 @@ class Stage1Trainer:
                    "seconds": round(self.seconds, 1), "steps_per_s": round(self.step / max(self.seconds, 1e-9), 3),
                    "trainable_params": trainable, "base_params": base, "fraction": trainable / base,
                    "lora_file_bytes": (self.out / "lora.safetensors").stat().st_size,
-                   "peak_memory_mb": round(peak_memory_mb()), "validation": last,
+                   "peak_memory_mb": round(PeakMemory(torch.device("cpu")).peak_mib()), "validation": last,
                    "val_images": [], "train_images": [f.name for f in self.data.files]}
         if self.args.val_data:
             summary["val_images"] = [f.name for f in scan_folder(self.args.val_data, "", warn=False)[0]]

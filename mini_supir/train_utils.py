@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
+from . import charts
 from .images import atomic_write
 from .sampler import Denoiser, denoiser_sigmas
 
@@ -91,35 +91,19 @@ def write_log(path: Path, rows: list[dict], fields: list[str] = LOG_FIELDS) -> N
 
 
 def plot_loss(path: Path, steps: list[int], losses: list[float], size=(720, 400)) -> None:
-    """Loss per step (grey) and its running mean (blue) on a log axis, drawn with pillow."""
+    """Loss per step (grey) and its running mean (blue) on a log axis; steps whose loss is not finite are
+    left out of both (charts.curve says how many)."""
     if len(losses) < 2:
         return
-    W, H = size
-    left, right, top, bottom = 64, 16, 28, 36
-    logs = [math.log10(max(v, 1e-12)) for v in losses]
-    lo, hi = min(logs), max(logs)
-    hi = hi if hi > lo else lo + 1
-    x = lambda s: left + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (W - left - right)  # noqa: E731
-    y = lambda v: top + (hi - v) / (hi - lo) * (H - top - bottom)  # noqa: E731
-    im = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(im)
-    draw.rectangle([left, top, W - right, H - bottom], outline="black")
-    ticks = [k + math.log10(m) for k in range(math.floor(lo), math.ceil(hi) + 1) for m in (1, 2, 5)]
-    ticks = [v for v in ticks if lo <= v <= hi]
-    for v in ticks if len(ticks) >= 2 else [lo, hi]:
-        draw.line([left, y(v), W - right, y(v)], fill=(225, 225, 225))
-        draw.text((4, y(v) - 6), f"{10 ** v:.3g}", fill="black")
-    draw.line([(x(s), y(v)) for s, v in zip(steps, logs)], fill=(170, 170, 170))
     smooth, avg = [], None
     for v in losses:
-        avg = v if avg is None else 0.9 * avg + 0.1 * v
-        smooth.append(math.log10(max(avg, 1e-12)))
-    draw.line([(x(s), y(v)) for s, v in zip(steps, smooth)], fill=(30, 90, 200), width=2)
-    draw.text((left, 8), f"training loss (log scale): first {losses[0]:.4g}, last {losses[-1]:.4g}, "
-                         f"running mean {10 ** smooth[-1]:.4g}", fill="black")
-    draw.text((left, H - bottom + 8), f"step {steps[0]}", fill="black")
-    draw.text((W - right - 80, H - bottom + 8), f"step {steps[-1]}", fill="black")
-    atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
+        if math.isfinite(v):
+            avg = v if avg is None else 0.9 * avg + 0.1 * v
+        smooth.append(avg if math.isfinite(v) else math.nan)
+    last = next((v for v in reversed(smooth) if math.isfinite(v)), math.nan)
+    charts.curve(path, steps, [(losses, "#aaaaaa", 1), (smooth, "#1e5ac8", 2)],
+                 f"training loss (log scale): first {losses[0]:.4g}, last {losses[-1]:.4g}, running mean {last:.4g}",
+                 "step", "loss", size, log=True)
 
 
 def rng_state(noise: torch.Generator) -> dict:

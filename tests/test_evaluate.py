@@ -12,7 +12,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
-from mini_supir.degrade import degrade, image_seed, load_image, modcrop, quantize, upsample  # noqa: E402
+from mini_supir import charts, eval_methods  # noqa: E402
+from mini_supir.degrade import damage, degrade, image_seed, load_image, modcrop, quantize, upsample  # noqa: E402
 from mini_supir.metrics import psnr, ssim  # noqa: E402
 
 IMAGES = ROOT.parent / "shared" / "images"
@@ -79,10 +80,10 @@ def test_resume_computes_only_missing_rows(first_run, tmp_path, monkeypatch, sty
     # a run killed while writing the last row: that row is dropped and recomputed
     (out / "results.csv").write_text("".join(lines[:-1]) + lines[-1][:20])
     calls = []
-    monkeypatch.setattr(evaluate, "bicubic", lambda lq, size: calls.append("bicubic") or upsample(lq, size))
-    build = evaluate.two_stage_restorer
-    monkeypatch.setattr(evaluate, "two_stage_restorer", lambda a, loras, first: calls.append(f"load {list(loras)}")
-                        or build(a, loras, first))
+    monkeypatch.setattr(eval_methods, "bicubic", lambda lq, size: calls.append("bicubic") or upsample(lq, size))
+    build = eval_methods.two_stage_restorer
+    monkeypatch.setattr(eval_methods, "two_stage_restorer", lambda spec, loras, first, *a, **k:
+                        calls.append(f"load {list(loras)}") or build(spec, loras, first, *a, **k))
     assert evaluate.main([*TINY, "--out", str(out), "--method", "bicubic", "supir", "supir+lora",
                           "--lora", str(style_lora)]) == 0
     assert calls == ["load []", f"load [({str(style_lora)!r}, 1.0)]"]
@@ -117,20 +118,22 @@ def test_changed_settings_are_refused(first_run, tmp_path, capsys):
 @pytest.mark.parametrize("problem, argv", [
     ("does not exist", ["--gt", "/nonexistent/photos"]),
     ("no images", ["--gt", "EMPTY"]),
-    ("needs --lora", ["--gt", str(IMAGES), "--method", "supir+lora"]),
+    ("is not a folder", ["--gt", str(IMAGES / "coffee.png")]),
 ])
 def test_bad_input_one_line_error(tmp_path, capsys, problem, argv):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
     argv = [str(tmp_path / "empty") if a == "EMPTY" else a for a in argv]
-    assert evaluate.main([*argv, "--out", str(tmp_path / "out")]) == 1
+    assert evaluate.main([*argv, "--out", str(tmp_path / "new" / "out")]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: ") and problem in err[0]
+    assert not (tmp_path / "new").exists()  # checked before the output folder is made
 
 
 def test_nice_ticks():
-    assert evaluate.nice_ticks(0, 27.3) == [0, 10, 20, 30]
-    assert evaluate.nice_ticks(0, 0.83) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    assert evaluate.tick_labels(evaluate.nice_ticks(-0.4, 1.1)) == ["-0.5", "0.0", "0.5", "1.0", "1.5"]
+    assert charts.nice_ticks(0, 27.3) == [0, 10, 20, 30]
+    assert charts.nice_ticks(0, 0.83) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert charts.tick_labels(charts.nice_ticks(-0.4, 1.1)) == ["-0.5", "0.0", "0.5", "1.0", "1.5"]
 
 
 def test_restoration_rows_leave_the_mask_cells_empty(first_run):
@@ -155,7 +158,7 @@ def test_cracks_setting_scores_inside_the_damage_mask(tmp_path):
     gt = load_image(IMAGES / "coffee.png")
     h, w = gt.shape[-2:]
     gt = gt[..., (h - 96) // 2:(h - 96) // 2 + 96, (w - 96) // 2:(w - 96) // 2 + 96]
-    damaged, known = evaluate.damage(gt, "cracks", seed=image_seed(0, "coffee.png"))
+    damaged, known = damage(gt, "cracks", seed=image_seed(0, "coffee.png"))
     assert np.array_equal(np.asarray(Image.open(out / "images" / "damaged" / "coffee.png")),
                           (damaged[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
     m = known[0, 0].numpy()
@@ -192,14 +195,16 @@ def test_known_mask_fill_repairs_and_old_csv_is_upgraded(tmp_path):
 
 
 @pytest.mark.parametrize("argv, problem", [
+    (["--method", "supir+lora"], "supir+lora needs --lora"),
     (["--setting", "cracks", "--method", "bicubic"], "bicubic is for restoration settings"),
     (["--method", "fill"], "fill is for damage settings"),
     (["--known-mask"], "--known-mask is for damage settings"),
 ])
 def test_methods_must_fit_the_setting(tmp_path, capsys, argv, problem):
-    with pytest.raises(SystemExit):
-        evaluate.main(["--gt", str(IMAGES), "--out", str(tmp_path), *argv])
-    assert problem in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--gt", str(IMAGES), "--out", str(tmp_path / "out"), *argv])
+    assert e.value.code == 2 and problem in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
 
 
 def test_stage1_methods_with_niqe(tmp_path):

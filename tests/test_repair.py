@@ -73,13 +73,11 @@ def test_outside_mask_latent_follows_the_renoised_input(restorer, monkeypatch, n
     assert 0.3 < outside.float().mean() < 0.9
     st1 = restorer.stage1(prepared.lq, settings)
     steps = []
-    real = sampler.sample_restore_edm if name != "dpmpp2m" else sampler.sample_restore_dpmpp2m
+    real = sampler.SAMPLERS[settings.sampler]
 
     def spy(*args, callback, **kwargs):  # record every step's latent
-        return real(*args, callback=lambda i, info: steps.append(info["x"]) or callback(i, info), **kwargs)
-    monkeypatch.setattr(pipeline, "sample_restore_dpmpp2m" if name == "dpmpp2m" else "sample_restore_edm", spy)
-    if name == "lightning":
-        monkeypatch.setattr(sampler, "sample_restore_edm", spy)
+        return real.sample(*args, callback=lambda i, info: steps.append(info["x"]) or callback(i, info), **kwargs)
+    monkeypatch.setitem(sampler.SAMPLERS, settings.sampler, replace(real, sample=spy))
     generator = torch.Generator().manual_seed(0)
     final = restorer.sample(st1, settings, generator, known=known)
     generator = torch.Generator().manual_seed(0)

@@ -269,10 +269,12 @@ def test_after_sigkill_the_checkpoint_is_whole_and_no_temp_file_stays(tmp_path, 
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), *tiny(data, out, "--max-steps", 10000, "--save-every", 1)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.DEVNULL)
-    for _ in range(1200):
-        if len(list(out.glob("checkpoint.pt"))) and len(list(out.glob(".checkpoint.pt.*.tmp"))):
-            break  # killed while writing the next one, most times
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
         time.sleep(0.01)
+    deadline = time.time() + 5
+    while not list(out.glob(".checkpoint.pt.*.tmp")) and time.time() < deadline:
+        time.sleep(0.001)  # killed while writing the next checkpoint, most times
     proc.kill()
     proc.wait()
     step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]  # whole: written beside it, then renamed
