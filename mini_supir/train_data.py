@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from . import degrade, images, repair
+from .cli import one_line
 
 
 class DataError(ValueError):
@@ -108,7 +109,7 @@ def scan_folder(folder: Path, default_caption: str, warn: bool) -> tuple[list[Pa
             size, caption = image_size(path), read_caption(path, default_caption)
         except (images.ImageError, OSError, UnicodeDecodeError) as e:
             if warn:
-                warnings.warn(f"skipping {path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                warnings.warn(f"skipping {path.name}: {one_line(e)}")
             continue
         files.append(path)
         captions.append(caption)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import os
 import re
 import signal
@@ -32,6 +31,11 @@ from .devices import pick_device
 from .train_data import DataError
 from .train_state import ResumeError
 from .weights import CheckpointError, WeightsError
+
+try:  # POSIX; elsewhere --out is not locked
+    import fcntl
+except ImportError:
+    fcntl = None
 
 
 class OptionError(ValueError):
@@ -109,12 +113,13 @@ class RunFolder:
             path.mkdir(parents=True, exist_ok=True)
             if not os.access(path, os.W_OK | os.X_OK):  # modes, and read-only file systems even for root
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-            self.lock = os.open(path, os.O_RDONLY)
+            self.lock = os.open(path, os.O_RDONLY) if fcntl is not None else None
         except OSError as e:
             self.close()
             raise OptionError(f"--out {path}: cannot write there ({e.strerror or type(e).__name__})") from None
         try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if self.lock is not None:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.close()
             raise OptionError(f"--out {path}: another training run is writing there") from None
@@ -137,13 +142,15 @@ class RunFolder:
 # ----------------------------------------------------------------------------------------------------------
 # Progress and stopping
 
+PROGRESS_EVERY = 10.0  # seconds between progress lines off a terminal
+
 
 class Progress:
     """A tqdm bar on a terminal. Elsewhere (a log file, a scheduler) plain lines on stderr instead, at the
-    first and last step and every `every` seconds: step, loss, lr, it/s."""
+    first and last step and every PROGRESS_EVERY seconds: step, loss, lr, it/s."""
 
-    def __init__(self, total: int, initial: int, enabled: bool = True, every: float = 10.0):
-        self.total, self.first, self.enabled, self.every = total, initial + 1, enabled, every
+    def __init__(self, total: int, initial: int, enabled: bool = True):
+        self.total, self.first, self.enabled = total, initial + 1, enabled
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True) \
             if enabled and sys.stderr.isatty() else None
         self.since, self.since_step = time.time(), initial
@@ -154,7 +161,7 @@ class Progress:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             return
         now = time.time()
-        if self.enabled and (step in (self.first, self.total) or now - self.since >= self.every):
+        if self.enabled and (step in (self.first, self.total) or now - self.since >= PROGRESS_EVERY):
             rate = (step - self.since_step) / max(now - self.since, 1e-9)
             print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {rate:.2f} it/s", file=sys.stderr, flush=True)
             self.since, self.since_step = now, step

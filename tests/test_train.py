@@ -90,6 +90,8 @@ def test_bad_images_are_skipped_with_a_warning(tmp_path):
     for p in PHOTOS[:2]:
         shutil.copy(p, data / p.name)
     (data / "broken.png").write_bytes(b"not a png at all")
+    from test_pipeline import png_header
+    png_header(data / "bomb.png", 30000, 30000)  # refused from its header, never decoded
     # a JPEG cut short passes the cheap scan (its header is fine) and fails when decoded
     (data / "cut.jpg").write_bytes((IMAGES / "rocket.jpg").read_bytes()[:3000])
     with warnings.catch_warnings(record=True) as caught:
@@ -97,7 +99,8 @@ def test_bad_images_are_skipped_with_a_warning(tmp_path):
         assert train.main(small_args(tmp_path / "run", "--batch-size", 3, "--max-steps", 2, "--preview-every", 2,
                                      "--preview-steps", 2, data=data)) == 0
     messages = [str(w.message) for w in caught]
-    assert any(m.startswith("skipping broken.png") for m in messages), messages
+    assert "skipping broken.png: not an image (UnidentifiedImageError)" in messages, messages
+    assert "skipping bomb.png: 30000x30000 is 900 MP, more than the 537 MP this tool decodes" in messages, messages
     assert any(m.startswith("skipping unreadable cut.jpg") for m in messages), messages
     assert len(losses(tmp_path / "run")) == 2
     # previews restore the first readable image with the current LoRA: before training and at step 2

@@ -4,11 +4,9 @@ lines off a terminal; Ctrl-C and SIGKILL; huge images decoded once."""
 import fcntl
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from mini_supir import train_data  # noqa: E402
+from test_pipeline import png_header  # noqa: E402  (a decompression bomb's header)
 
 IMAGES = ROOT.parent / "shared" / "images"
 
@@ -47,14 +46,6 @@ def data(tmp_path) -> Path:
 def tiny(data, out, *extra) -> list[str]:
     return [str(a) for a in ("--data", data, "--out", out, "--model", "tiny", "--resolution", 64, "--workers", 0,
                              "--warmup-steps", 1, *extra)]
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that claims width x height pixels and holds none (a decompression bomb's header)."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def test_missing_weights_are_named_at_once_in_one_line(tmp_path, data):
@@ -170,7 +161,7 @@ def test_a_nan_option_as_the_user_sees_it(tmp_path, data):
 
 
 def test_bad_preview_images_are_refused_before_training(tmp_path, data, capsys):
-    (tmp_path / "bomb.png").write_bytes(png_header(30000, 30000))
+    png_header(tmp_path / "bomb.png", 30000, 30000)
     (tmp_path / "text.png").write_text("not an image")
     before = tree(tmp_path)
     code, err = cli(*tiny(data, tmp_path / "run", "--preview-every", 1, "--preview-image", tmp_path / "bomb.png"))
