@@ -33,14 +33,12 @@ eval_methods.py, the summary, charts and grid eval_report.py (drawn with charts.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
 
-from mini_supir import cli, stage1, supir
+from mini_supir import cli, outputs, stage1, supir
 from mini_supir.degrade import IMAGE_SUFFIXES, SETTINGS, Damage
 from mini_supir.devices import DTYPES, pick_device
 from mini_supir.eval_methods import SUPIRSpec, build_methods, lora_method_name
@@ -52,7 +50,7 @@ from mini_supir.weights import WeightsError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Degrade ground-truth images, restore them with each method, and "
+    p = cli.ArgumentParser(description="Degrade ground-truth images, restore them with each method, and "
                                             "measure PSNR / SSIM / LPIPS, time and memory.")
     p.add_argument("--gt", type=Path, required=True, help="folder of ground-truth images")
     p.add_argument("--out", type=Path, required=True, help="output folder (created; an existing one is resumed)")
@@ -145,10 +143,8 @@ def make_out(out: Path) -> list[Path]:
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
     made = [p for p in [out, *out.parents] if not p.exists()]
     try:
+        outputs.check_writable(out)
         out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
     except OSError as e:
         remove_empty(made)
         raise OSError(f"--out {out}: cannot write there ({e.strerror or type(e).__name__})") from None

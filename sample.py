@@ -11,41 +11,43 @@
 
 Each result is a PNG holding every setting in its metadata (images.read_png_info). Under torchrun each
 rank restores its share of the sorted image list. See docs/restore.md for every option.
+
+The order of a run: option values (exit 2), the inputs (every image, mask, clean original and caption,
+from their headers), the output folder, then the weights (every missing file named at once, before any
+download), then one image after the other (a bad one fails alone: exit 1 at the end).
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import os
+from collections import Counter
 import sys
-import tempfile
 import time
-import warnings
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
+from mini_supir import batch, cli, images, lora_files, outputs, pipeline, stage1, supir
 from mini_supir import mask as masks
-from mini_supir import images, lora_files, pipeline, repair, stage1, supir
-from mini_supir.pipeline import ImageError, RestoreError, RestoreSettings, Restorer
+from mini_supir.cli import fail, one_line
 from mini_supir.devices import DTYPES, pick_device
-from mini_supir.cli import fail, lora_spec, one_line
-from mini_supir.weights import CheckpointError, WeightsError, resolve
+from mini_supir.images import ImageError
+from mini_supir.mask_cli import param_type
+from mini_supir.pipeline import RestoreError, RestoreSettings, Restorer
+from mini_supir.weights import CheckpointError, WeightsError, resolve_all
 
-OVERRIDES = {  # CLI option -> RestoreSettings field (the rest of the settings come from the preset)
-    "upscale": "upscale", "min_size": "min_size", "steps": "steps", "cfg": "cfg", "cfg_start": "cfg_start",
-    "control_scale": "control_scale", "control_start": "control_start", "restore_cfg": "restore_cfg",
-    "s_churn": "s_churn", "s_noise": "s_noise", "eta": "eta", "positive": "positive", "negative": "negative",
-    "color_fix": "color_fix", "num_samples": "num_samples", "tile_vae": "tile_vae", "vae_tile_size": "vae_tile_size",
-    "tile_size": "tile_size", "tile_stride": "tile_stride",
-}
-
+# The options that override a RestoreSettings field of the same name (the rest come from the preset).
+OVERRIDES = ("upscale", "min_size", "steps", "cfg", "cfg_start", "control_scale", "control_start", "restore_cfg",
+             "s_churn", "s_noise", "eta", "positive", "negative", "color_fix", "num_samples", "tile_vae",
+             "vae_tile_size", "tile_size", "tile_stride")
+# Settings a sampler never reads (Restorer.sample): given, they are refused; from the preset, they are
+# recorded at their "off" value, so that a result's metadata never claims what did not happen.
+UNUSED = {"dpmpp2m": {"restore_cfg": 0.0, "s_churn": 0.0, "control_start": None}}
 
 # The detector parameters with their own option (every other one: --mask-param NAME=VALUE).
-DEFAULT_MASK = masks.MaskParams()
+MASK_FIELDS = {f.name: f for f in fields(masks.MaskParams)}
 MASK_OPTIONS = [
     ("--mask-radius", "radius", "automatic mask: finds lines up to 2 N + 1 px wide"),
     ("--mask-min-length", "min_length", "automatic mask: ignore marks shorter than N px"),
@@ -57,43 +59,22 @@ MASK_OPTIONS = [
 def mask_param(s: str) -> tuple[str, object]:
     name, _, value = s.partition("=")
     name = name.strip().replace("-", "_")
-    field = next((f for f in fields(masks.MaskParams) if f.name == name), None)
-    if field is None or not value:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME one of "
-                                         f"{', '.join(f.name for f in fields(masks.MaskParams))}")
-    kind = type(getattr(DEFAULT_MASK, name))
-    if kind is bool:
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise argparse.ArgumentTypeError(f"{name} is true or false, not {value!r}")
-        return name, value.lower() in ("true", "1")
-    try:
-        return name, kind(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{name} takes a {kind.__name__}, not {value!r}") from None
+    if name not in MASK_FIELDS or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME one of {', '.join(MASK_FIELDS)}")
+    return name, param_type(MASK_FIELDS[name])(value)
 
 
-def mask_params(args: argparse.Namespace) -> masks.MaskParams:
-    given = dict(args.mask_param)
-    given.update({field: getattr(args, option[2:].replace("-", "_")) for option, field, _ in MASK_OPTIONS
-                  if getattr(args, option[2:].replace("-", "_")) is not None})
-    return replace(DEFAULT_MASK, **given)
-
-
-def optional_float(s: str) -> float | None:
-    return None if s.lower() == "none" else float(s)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Restore photos with SUPIR. Sampling options default to the preset.")
+def add_io_options(p: argparse.ArgumentParser) -> None:
+    """Input / output, model and stage-1 options."""
     io = p.add_argument_group("input / output")
     io.add_argument("--image", nargs="+", action="extend", required=True, help="image files, folders or glob patterns")
-    io.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+    io.add_argument("--out", default="outputs", help="output folder (default: outputs; made with the first result)")
     io.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist")
     io.add_argument("--compare", action="store_true", help="also write <name>_compare.png: input | result "
                     "(repair: damaged | mask | result), then --clean if given")
-    io.add_argument("--upscale", type=float, help="result size = input size x upscale (default: 1; with "
+    io.add_argument("--upscale", type=cli.positive, help="result size = input size x upscale (default: 1; with "
                     "--stage1-only the network's own scale)")
-    io.add_argument("--min-size", type=int, help="work at least at this short side, px (default: 1024)")
+    io.add_argument("--min-size", type=cli.size_px, help="work at least at this short side, px (default: 1024)")
 
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=sorted(supir.PRESETS), default="sdxl",
@@ -101,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "a smoke test that restores nothing")
     m.add_argument("--sdxl", help="SDXL single file: path, registry name or repo_id/filename (default: sdxl)")
     m.add_argument("--supir", help="SUPIR file: path, Q, F or repo_id/filename (default: Q, F with --fidelity)")
-    m.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="FILE[:SCALE]",
+    m.add_argument("--lora", action="append", default=[], type=cli.lora_spec, metavar="FILE[:SCALE]",
                    help="LoRA file, PEFT adapter folder or hub spec merged into the model, SCALE default 1 (repeatable); "
                         "a stage-1 LoRA (train.py --model realesrgan-x4plus) goes into the --stage1 network")
     m.add_argument("--lora-strict", choices=["on", "off"], default="on",
@@ -111,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="UNet / text encoders (auto: fp16 on GPU, fp32 on CPU)")
     m.add_argument("--vae-dtype", choices=["auto", *DTYPES], default="auto",
                    help="VAE (auto: bf16 on CUDA, else fp32; fp16 is refused: it overflows)")
-    m.add_argument("--device", default="auto", help="auto (default: cuda, mps, cpu), cuda, cuda:1, mps or cpu")
+    m.add_argument("--device", type=cli.device, default="auto", help="auto (default: cuda, mps, cpu), cuda, cuda:1, mps or cpu")
     m.add_argument("--offload", action="store_true", help="move each part to the GPU only while it runs")
 
     st = p.add_argument_group("stage 1: a pixel-space restorer first (DiffBIR's two stages; Real-ESRGAN family)")
@@ -121,11 +102,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     st.add_argument("--stage1-only", action="store_true",
                     help="the stage-1 result is the output: seconds, no SDXL / SUPIR weights (default network: "
                          "realesrgan-x4plus)")
-    st.add_argument("--stage1-tile", type=int, default=512, metavar="PX",
+    st.add_argument("--stage1-tile", type=cli.size_px, default=512, metavar="PX",
                     help="stage 1 in overlapping tiles of this many input px (default: 512; 0 = whole image)")
-    st.add_argument("--stage1-tile-pad", type=int, default=16, metavar="PX",
+    st.add_argument("--stage1-tile-pad", type=cli.size_px, default=16, metavar="PX",
                     help="context around each stage-1 tile, px (default: 16)")
 
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """Sampling, repair and tiling options (the rest of RestoreSettings and MaskParams)."""
     s = p.add_argument_group("sampling")
     mode = s.add_mutually_exclusive_group()
     mode.add_argument("--quality", dest="mode", action="store_const", const="quality",
@@ -133,24 +118,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--fidelity", dest="mode", action="store_const", const="fidelity",
                       help="SUPIR v0F, cfg 4, cfg start 1")
     s.add_argument("--sampler", choices=pipeline.SAMPLERS, default="edm",
-                   help="edm (default): SUPIR's restore EDM; dpmpp2m: its Lightning config (8 steps); "
-                        "lightning: Euler on trailing steps (SDXL-Lightning)")
-    s.add_argument("--steps", type=int, help="edm 50, dpmpp2m 8, lightning 4")
-    s.add_argument("--cfg", type=float, help="text guidance at the end of sampling (sigma 0)")
-    s.add_argument("--cfg-start", type=optional_float, help="guidance at the start (sigma max); none = constant")
-    s.add_argument("--control-scale", type=float, help="strength of the LQ control at the end (default: 1)")
-    s.add_argument("--control-start", type=optional_float,
+                   help="edm (default): SUPIR's restore EDM; dpmpp2m: its Lightning config (8 steps; no --restore-cfg, "
+                        "--s-churn, --control-start); lightning: Euler on trailing steps (SDXL-Lightning)")
+    s.add_argument("--steps", type=cli.count, help="edm 50, dpmpp2m 8, lightning 4 (at most 1000)")
+    s.add_argument("--cfg", type=cli.finite, help="text guidance at the end of sampling (sigma 0)")
+    s.add_argument("--cfg-start", type=cli.number(float, none=True), help="guidance at the start (sigma max); none = constant")
+    s.add_argument("--control-scale", type=cli.finite, help="strength of the LQ control at the end (default: 1)")
+    s.add_argument("--control-start", type=cli.number(float, none=True),
                    help="control strength at the start (default: none = constant)")
-    s.add_argument("--restore-cfg", type=float,
+    s.add_argument("--restore-cfg", type=cli.finite,
                    help="pull towards the stage-1 latent, edm (default: 4; <= 0 off, as SUPIR's demo)")
-    s.add_argument("--s-churn", type=float, help="EDM churn (default: 5)")
-    s.add_argument("--s-noise", type=float, help="churn / SDE noise scale (default: 1.003)")
-    s.add_argument("--eta", type=float, help="DPM++ SDE noise, dpmpp2m (default: 1)")
+    s.add_argument("--s-churn", type=cli.non_negative, help="EDM churn (default: 5)")
+    s.add_argument("--s-noise", type=cli.non_negative, help="churn / SDE noise scale (default: 1.003)")
+    s.add_argument("--eta", type=cli.non_negative, help="DPM++ SDE noise, dpmpp2m (default: 1)")
     s.add_argument("--prompt", default="", help="description used where no <name>.txt caption sits beside an image")
     s.add_argument("--positive", help="quality prompt appended to the description (default: SUPIR's)")
     s.add_argument("--negative", help="negative prompt (default: SUPIR's)")
-    s.add_argument("--seed", type=int, default=1234, help="sample k of an image uses seed + k")
-    s.add_argument("--num-samples", type=int, help="results per image (default: 1)")
+    s.add_argument("--seed", type=cli.seed, default=1234, help="sample k of an image uses seed + k")
+    s.add_argument("--num-samples", type=cli.count, help="results per image (default: 1, at most 1000)")
     s.add_argument("--color-fix", choices=pipeline.COLOR_FIXES, help="colours from the stage-1 image (default: wavelet)")
 
     r = p.add_argument_group("repair (cracks, scratches, missing paint; docs/repair.md)")
@@ -160,33 +145,45 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "pixel is kept as it is; <name>_mask.png is written beside the result")
     which.add_argument("--mask", type=Path, metavar="FILE|FOLDER",
                        help="repair where this mask is white (alpha, if painted on a transparent layer); a folder "
-                            "holds <name>_mask.png or <name>.png per image")
+                            "holds <name>_mask.png or <name>.png per image; of the image's shape (any scale)")
     r.add_argument("--clean", type=Path, metavar="FILE|FOLDER",
                    help="the undamaged image (a folder: <name>.* per image), added to the --compare panel")
-    for option, field, help in MASK_OPTIONS:
-        r.add_argument(option, type=type(getattr(DEFAULT_MASK, field)), metavar="N",
-                       help=f"{help} (default: {getattr(DEFAULT_MASK, field)})")
+    for option, name, help in MASK_OPTIONS:
+        r.add_argument(option, type=param_type(MASK_FIELDS[name]), metavar="N",
+                       help=f"{help} (default: {MASK_FIELDS[name].default})")
     r.add_argument("--mask-param", action="append", default=[], type=mask_param, metavar="NAME=VALUE",
                    help="any other detector parameter of mask.MaskParams (repeatable)")
 
     t = p.add_argument_group("tiling (large images)")
     t.add_argument("--tile-vae", action="store_true", default=None, help="VAE encode / decode in tiles")
-    t.add_argument("--vae-tile-size", type=int, help="VAE tile, px (default: 512)")
-    t.add_argument("--tile-size", type=int, help="sample in overlapping tiles of this many px (SUPIR: 1024)")
-    t.add_argument("--tile-stride", type=int, help="tile stride, px (default: tile size / 2)")
+    t.add_argument("--vae-tile-size", type=cli.count, help="VAE tile, px (default: 512)")
+    t.add_argument("--tile-size", type=cli.count, help="sample in overlapping tiles of this many px (SUPIR: 1024)")
+    t.add_argument("--tile-stride", type=cli.count, help="tile stride, px (default: tile size / 2)")
+
+
+def given(args: argparse.Namespace, dest: str) -> bool:
+    value = getattr(args, dest)  # (0.0 == False: compare by identity)
+    return value is not None and value is not False and value not in ("", [])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = cli.ArgumentParser(description="Restore photos with SUPIR. Sampling options default to the preset.")
+    add_io_options(p)
+    add_sampling_options(p)
     args = p.parse_args(argv)
     if args.stage1_only:
         args.stage1 = args.stage1 or "realesrgan-x4plus"
         supir_only = [d for d in [*OVERRIDES, "mode", "sdxl", "supir", "prompt", "repair", "mask"]
-                      if d != "upscale" and getattr(args, d) not in (None, False, [], "")]
+                      if d != "upscale" and given(args, d)]
         if supir_only:
             option = {"mode": "quality / --fidelity"}.get(supir_only[0], supir_only[0].replace("_", "-"))
             p.error(f"--{option} is a SUPIR option: it has no effect with --stage1-only")
+    unused = [d for d in UNUSED.get(args.sampler, {}) if given(args, d)]
+    if unused:
+        p.error(f"--{unused[0].replace('_', '-')} is not used by --sampler {args.sampler}: leave it out")
     args.mode = args.mode or "quality"
-    if args.stage1_tile < 0 or args.stage1_tile_pad < 0:
-        p.error("--stage1-tile and --stage1-tile-pad must be >= 0")
     args.repairing = args.repair or args.mask is not None
-    detector = [o for o, _, _ in MASK_OPTIONS[:-1] if getattr(args, o[2:].replace("-", "_")) is not None]
+    detector = [o for o, _, _ in MASK_OPTIONS[:-1] if given(args, o[2:].replace("-", "_"))]
     if (detector or args.mask_param) and not args.repair:
         p.error(f"{(detector or ['--mask-param'])[0]} sets the automatic detector: it needs --repair")
     if args.mask_feather is not None and not args.repairing:
@@ -198,128 +195,48 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def settings_from(args: argparse.Namespace) -> RestoreSettings:
-    settings = pipeline.preset(args.mode, args.sampler)
-    given = {field: getattr(args, opt) for opt, field in OVERRIDES.items() if getattr(args, opt) is not None}
-    return replace(settings, **given)
+    settings = replace(pipeline.preset(args.mode, args.sampler), **UNUSED.get(args.sampler, {}))
+    return replace(settings, **{name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None})
 
 
-def find_images(specs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """(sorted unique image files, [(spec, problem)]). Folders give their files with image extensions;
-    files named explicitly are all tried (a non-image among them is reported when opened)."""
-    extensions = {e for e, f in Image.registered_extensions().items() if f in Image.OPEN}
-    found, errors = set(), []
-    for spec in specs:
-        path = Path(spec)
-        if path.is_dir():
-            found |= {f for f in path.iterdir() if f.is_file() and f.suffix.lower() in extensions}
-        elif path.exists() or not glob.has_magic(spec):
-            found.add(path)  # a missing file is reported by open_image, in the image loop
-        else:
-            matches = [Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file()]
-            found |= set(matches)
-            if not matches:
-                errors.append((spec, "no file matches"))
-    return sorted(found, key=str), errors
+def mask_params(args: argparse.Namespace) -> masks.MaskParams:
+    chosen = dict(args.mask_param)
+    chosen.update({name: getattr(args, option[2:].replace("-", "_")) for option, name, _ in MASK_OPTIONS
+                   if getattr(args, option[2:].replace("-", "_")) is not None})
+    return replace(masks.MaskParams(), **chosen)
 
 
-def output_names(files: list[Path]) -> dict[Path, str]:
-    """Output stem per input: its stem, or stem_ext where two inputs share a stem (a.jpg, a.png)."""
-    stems = {}
-    for f in files:
-        stems.setdefault(f.stem, []).append(f)
-    return {f: f.stem if len(group) == 1 else f"{f.stem}_{f.suffix.lstrip('.')}" for group in stems.values() for f in group}
+def plan(f: Path, name: str, args: argparse.Namespace, settings: RestoreSettings) -> batch.Job:
+    check = None if args.stage1_only else (lambda w, h: pipeline.check_size(w, h, settings))
+    return batch.plan(f, name, check, args.mask, args.clean, args.prompt)
 
 
-def outputs_for(stem: str, out: Path, settings: RestoreSettings, compare: bool, repairing: bool = False
-                ) -> list[Path]:
-    names = [stem] if settings.num_samples == 1 else [f"{stem}_{k}" for k in range(settings.num_samples)]
-    return [out / f"{n}.png" for n in names] + ([out / f"{n}_compare.png" for n in names] if compare else []) \
-        + ([out / f"{stem}_mask.png"] if repairing else [])
+def outputs_of(job: batch.Job, out: Path, settings: RestoreSettings, args: argparse.Namespace) -> list[Path]:
+    return outputs.outputs_for(job.name, out, settings.num_samples, args.compare, args.repairing)
 
 
-def caption_for(image: Path) -> str | None:
-    caption = image.with_suffix(".txt")
-    return caption.read_text(encoding="utf-8").strip() if caption.is_file() else None
+# -- the weights ---------------------------------------------------------------------------------------------
 
-
-def side_by_side(images: list[Image.Image], size: tuple[int, int]) -> Image.Image:
-    """The images left to right, each bicubic-resized to `size` (the result's)."""
-    canvas = Image.new("RGB", (len(images) * size[0], size[1]))
-    for i, im in enumerate(images):
-        im = im.convert("RGB")
-        canvas.paste(im if im.size == size else im.resize(size, Image.BICUBIC), (i * size[0], 0))
-    return canvas
-
-
-def companion(spec: Path, image: Path, stem: str, patterns: tuple[str, ...]) -> Path:
-    """`spec` itself, or in the folder `spec` the first image file named by a pattern ({stem}, {name}: the
-    input's file stem and output name)."""
-    if not spec.is_dir():
-        return spec
-    extensions = {e for e, f in Image.registered_extensions().items() if f in Image.OPEN}
-    for pattern in patterns:
-        matches = [m for m in sorted(spec.glob(pattern.format(stem=glob.escape(image.stem), name=glob.escape(stem))))
-                   if m.suffix.lower() in extensions]
-        if matches:
-            return matches[0]
-    raise ImageError(f"no {' or '.join(p.format(stem=image.stem, name=stem) for p in patterns)} in {spec}")
-
-
-def damage_mask(args: argparse.Namespace, path: Path, stem: str, image: Image.Image,
-                params: masks.MaskParams) -> tuple[torch.Tensor, str]:
-    """(hard damage mask (H, W) bool at the image's size, where it came from)."""
-    if args.repair:
-        return masks.detect_damage(repair.image_tensor(image), params), "auto"
-    source = companion(args.mask, path, stem, ("{name}_mask.png", "{stem}_mask.png", "{stem}.png"))
-    try:
-        return masks.load_mask(source, (image.height, image.width)), str(source)
-    except (OSError, ValueError) as e:
-        raise ImageError(f"mask {source}: {one_line(e)}") from None
-
-
-def check_writable(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-        pass
-
-
-def build_restorer(args: argparse.Namespace, device: str) -> tuple[Restorer, dict]:
-    """The model of --model with --sdxl / --supir / --lora; raises WeightsError naming the file at fault."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        restorer, info = Restorer.load(args.model, args.mode, args.sdxl, args.supir, tuple(args.lora),
-                                       args.lora_strict == "on", device=device, dtype=args.dtype,
-                                       vae_dtype=args.vae_dtype, offload=args.offload)
-    for w in caught:  # --lora-strict off: what each LoRA skipped, one line each
-        if str(w.message).startswith("LoRA "):
-            print(f"warning: {one_line(w.message)}", file=sys.stderr)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return restorer, info
-
-
-def split_loras(args: argparse.Namespace) -> list[tuple[Path, float]]:
-    """The --lora files made for a stage-1 network (train.py --model realesrgan-x4plus: their keys and
-    metadata say so), taken out of args.lora, which keeps the SUPIR ones; raises WeightsError."""
+def split_loras(args: argparse.Namespace, files: dict[str, Path]) -> tuple[list, list]:
+    """(the --lora files made for a stage-1 network (their keys / metadata say so), the SUPIR ones);
+    raises WeightsError for a LoRA that fits neither, or no network here."""
     ours, supir_loras = [], []
     for spec, scale in args.lora:
         try:
-            path = resolve(spec)
-            parts = lora_files.lora_parts(path)
-        except (CheckpointError, OSError, ValueError) as e:
+            parts = lora_files.lora_parts(files[str(spec)])
+        except (CheckpointError, OSError, ValueError) as e:  # LoRAFileError (NaN tensors, ...) is a ValueError
             raise WeightsError(spec, one_line(e)) from None
         if parts == {"stage1"}:
             if not args.stage1:
                 raise WeightsError(spec, "a LoRA for a stage-1 network: give that network with --stage1 NAME or --stage1-only")
-            ours.append((path, scale))
+            ours.append((files[str(spec)], scale))
         elif "stage1" in parts:
             raise WeightsError(spec, f"mixes stage-1 and SUPIR adapters ({', '.join(sorted(parts))}): not one network's LoRA")
         elif args.stage1_only:
             raise WeightsError(spec, f"a SUPIR LoRA ({', '.join(sorted(parts))}): --stage1-only runs only the stage-1 network")
         else:
             supir_loras.append((spec, scale))
-    args.lora = supir_loras
-    return ours
+    return ours, supir_loras
 
 
 def build_upscaler(args: argparse.Namespace, device: str, loras=()) -> tuple[stage1.Upscaler, dict]:
@@ -335,142 +252,139 @@ def build_upscaler(args: argparse.Namespace, device: str, loras=()) -> tuple[sta
                            "loras": [[str(f), s] for f, s in loras]}}
 
 
-def upscale_only(up: stage1.Upscaler, f: Path, path: Path, args: argparse.Namespace, info: dict) -> list[Path]:
-    """--stage1-only: the network's result at --upscale (default its own scale), as Real-ESRGAN's inference."""
-    upscale = args.upscale or up.scale
-    image = images.open_image(f, up.check_size)
-    size = (max(1, round(image.width * upscale)), max(1, round(image.height * upscale)))
-    if size[0] * size[1] > images.MAX_INPUT_PIXELS:
-        raise ImageError(f"the result would be {size[0]}x{size[1]}: more than {images.MAX_INPUT_PIXELS / 1e6:.0f} MP")
-    with tqdm(desc=f.name, unit="tile", leave=False, disable=None) as bar:
-        def on_tile(i, n):
-            bar.total = n
-            bar.update(1)
-        result = up.upscale_image(image, size, on_tile)
-    info = {**info, "upscale": upscale, "source": str(f)}
-    images.save_png(result, path, info)
-    if not args.compare:
-        return [path]
-    images.save_png(side_by_side([image, result], result.size), path.with_name(f"{path.stem}_compare.png"), info)
-    return [path, path.with_name(f"{path.stem}_compare.png")]
-
-
-def upscale_all(up: stage1.Upscaler, todo: list[Path], names: dict[Path, str], out: Path,
-                args: argparse.Namespace, info: dict, failed: int) -> int:
-    for f in tqdm(todo, desc="images", unit="img", disable=None):
-        t0 = time.time()
+def load_models(args: argparse.Namespace, device: str) -> tuple[Restorer | None, stage1.Upscaler | None, dict]:
+    """(SUPIR restorer or None with --stage1-only, stage-1 upscaler or None, what the metadata records).
+    Every file is found first: one WeightsError names every missing one, before any download."""
+    if args.stage1 and args.stage1 not in stage1.REGISTRY:
         try:
-            paths = upscale_only(up, f, out / f"{names[f]}.png", args, info)
-            tqdm.write(f"wrote {', '.join(str(p) for p in paths)} ({time.time() - t0:.1f} s)", file=sys.stderr)
-        except (ImageError, OSError) as e:
-            fail(f, one_line(e))
-            failed += 1
-    return 1 if failed else 0
+            stage1.resolve(args.stage1)  # a local path: nothing to download
+        except CheckpointError as e:
+            raise WeightsError(args.stage1, one_line(e)) from None
+    pair = None if args.stage1_only else Restorer.weight_specs(args.model, args.mode, args.sdxl, args.supir)
+    files = resolve_all([spec for spec, _ in args.lora] + list(pair or ()))
+    stage1_loras, supir_loras = split_loras(args, files)
+    up, info = build_upscaler(args, device, stage1_loras) if args.stage1 else (None, {})
+    if args.stage1_only:
+        return None, up, info
+    restorer, model_info = Restorer.load(args.model, args.mode, args.sdxl, args.supir, tuple(supir_loras),
+                                         args.lora_strict == "on", device=device, dtype=args.dtype,
+                                         vae_dtype=args.vae_dtype, offload=args.offload)
+    restorer.pixel_restorer = up
+    return restorer, up, {**model_info, **info}
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    Image.MAX_IMAGE_PIXELS = pipeline.MAX_INPUT_PIXELS  # we check sizes ourselves, from the header
+# -- the run ---------------------------------------------------------------------------------------------
+
+def worker(args: argparse.Namespace, out: Path, settings: RestoreSettings, params: masks.MaskParams | None,
+           restorer: Restorer | None, up: stage1.Upscaler | None, info: dict):
+    """job -> the paths written for it, with a progress bar of its steps (or stage-1 tiles)."""
+
+    def work(job: batch.Job) -> list[Path]:
+        with tqdm(desc=job.path.name, unit="tile" if restorer is None else "step", leave=False, disable=None) as bar:
+            def on_step(i, n):
+                bar.total = n if restorer is None else n * settings.num_samples
+                bar.update(1)
+            if restorer is None:
+                return batch.upscale(up, job, out, args.upscale, args.compare, info, on_step)
+            return batch.restore(restorer, job, out, settings, args.seed, params, args.compare, info, on_step)
+    return work
+
+
+def run_one(job: batch.Job, work) -> bool:
+    """Run `work(job)` -> written paths, reporting it in one line; False if the image failed."""
+    t0 = time.time()
+    try:
+        paths = work(job)
+    except (ImageError, RestoreError, OSError) as e:
+        fail(job.path, one_line(e))
+        return False
+    except Exception as e:  # noqa: BLE001 — one bad image must not stop the batch
+        oom = isinstance(e, torch.cuda.OutOfMemoryError)
+        fail(job.path, "out of GPU memory (try --offload, --tile-vae, --tile-size 1024)" if oom
+             else f"{type(e).__name__}: {one_line(e)}")
+        return False
+    tqdm.write(f"wrote {', '.join(str(p) for p in paths)} ({time.time() - t0:.1f} s)", file=sys.stderr)
+    return True
+
+
+def check_outputs(out: Path, files: list[Path], names: dict[Path, str], jobs: list[batch.Job],
+                  settings: RestoreSettings, args: argparse.Namespace) -> int:
+    """The exit code refusing the run (reported in one line), or 0: `out` must be writable, and no output
+    may land on an input or on another input's output (over every rank's files: names are global)."""
+    try:
+        outputs.check_writable(out)
+    except OSError as e:
+        fail(out, f"cannot write there ({e.strerror or type(e).__name__})")
+        return 1
+    mine = [p for job in jobs for p in outputs_of(job, out, settings, args)]
+    clashes = outputs.overwritten_inputs(mine, batch.inputs(jobs))
+    if clashes:
+        fail(f"--out {out}", f"{clashes[0][0]} would be written over the input {clashes[0][1]}: choose another folder")
+        return 2
+    every = Counter(p for f in files for p in outputs.outputs_for(names[f], out, settings.num_samples, args.compare,
+                                                                  args.repairing))
+    twice = [p for p, n in every.items() if n > 1]
+    if twice:  # x.png from two folders, or a_1.png beside sample 1 of a.png
+        fail(twice[0], "two inputs would both be written here: rename one of them")
+        return 2
+    return 0
+
+
+def restore_all(args: argparse.Namespace) -> int:
     try:
         settings = settings_from(args)
-        params = mask_params(args)
+        params = mask_params(args) if args.repairing else None
         pipeline.pick_dtypes(pick_device("cpu"), args.dtype, args.vae_dtype)  # refuse fp16 VAE now
     except ValueError as e:
         fail("settings", one_line(e))
         return 2
-
-    files, errors = find_images(args.image)
+    files, errors = images.find_images(args.image)
     for spec, problem in errors:
         fail(spec, problem)
+    failed = len(errors)
     # torchrun: every rank sees the same sorted list and takes every world-th file from its rank on
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    names = output_names(files)
-    files = files[rank::world]
-    device = args.device
-    if device == "auto" and world > 1 and pick_device().type == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    names = outputs.output_names(files)
+    jobs = []
+    for f in files[rank::world]:
+        try:
+            jobs.append(plan(f, names[f], args, settings))
+        except ImageError as e:
+            fail(f, one_line(e))
+            failed += 1
 
     out = Path(args.out)
-    try:
-        check_writable(out)
-    except OSError as e:
-        fail(out, f"cannot write there ({e.strerror or type(e).__name__})")
-        return 1
-
-    done = lambda f: all(p.exists() for p in outputs_for(names[f], out, settings, args.compare,  # noqa: E731
-                                                          args.repairing))
-    todo = [f for f in files if args.overwrite or not done(f)]
-    for f in files:
-        if f not in todo:
-            tqdm.write(f"skip {f}: output exists (--overwrite to redo)", file=sys.stderr)
-    failed = len(errors)
-    prompts = {}  # the caption beside an image wins over --prompt
-    for f in list(todo):
-        try:
-            caption = caption_for(f)
-        except (OSError, UnicodeDecodeError) as e:
-            fail(f.with_suffix(".txt"), f"unreadable caption ({one_line(e)})")
-            todo.remove(f)
-            failed += 1
-            continue
-        prompts[f] = (caption, "caption") if caption is not None else (args.prompt, "--prompt" if args.prompt else None)
+    refused = check_outputs(out, files, names, jobs, settings, args)
+    if refused:
+        return refused
+    todo = []
+    for job in jobs:
+        if args.overwrite or not all(p.exists() for p in outputs_of(job, out, settings, args)):
+            todo.append(job)
+        else:
+            tqdm.write(f"skip {job.path}: output exists (--overwrite to redo)", file=sys.stderr)
     if not todo:
         return 1 if failed else 0
 
+    device = args.device
+    if device == "auto" and world > 1 and pick_device().type == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     try:
-        stage1_loras = split_loras(args)
-        up, stage1_info = build_upscaler(args, device, stage1_loras) if args.stage1 else (None, {})
-        if args.stage1_only:
-            return upscale_all(up, todo, names, out, args, stage1_info, failed)
-        restorer, model_info = build_restorer(args, device)
+        restorer, up, info = load_models(args, device)
     except WeightsError as e:  # missing / wrong weights, bad LoRA: nothing can run
         fail(*e.args)
         return 1
-    restorer.pixel_restorer = up
-    model_info.update(stage1_info)
-    restorer.encode_prompts([replace(settings, prompt=p).positive_text for p, _ in prompts.values()] + [settings.negative])
-    restorer.free_text_encoders()
-
-    for f in tqdm(todo, desc="images", unit="img", disable=None, position=rank if world > 1 else None):
-        t0 = time.time()
-        try:
-            image = pipeline.open_image(f, settings)
-            prompt, source = prompts[f]
-            s = replace(settings, prompt=prompt)
-            extra, panels, soft = {}, [image], None
-            if args.repairing:
-                hard, mask_from = damage_mask(args, f, names[f], image, params)
-                soft = repair.soft_mask(hard, params)
-                extra["repair"] = {"mask": mask_from, "mask_params": asdict(params),
-                                   "damaged_fraction": round(hard.float().mean().item(), 6)}
-                panels.append(repair.mask_image(hard))
-            clean = None
-            if args.clean is not None:
-                clean = pipeline.open_image(companion(args.clean, f, names[f], ("{stem}.*",)), settings)
-            with tqdm(total=s.steps * s.num_samples, desc=f.name, unit="step", leave=False, disable=None) as bar:
-                results = restorer.restore_samples(image, s, args.seed, on_step=lambda i, n: bar.update(1), mask=soft)
-            paths = outputs_for(names[f], out, s, False)
-            for k, (result, path) in enumerate(zip(results, paths)):
-                info = {"settings": s.to_dict(), "seed": args.seed + k, "sample": k, "source": str(f),
-                        "prompt_from": source, **model_info, **extra}
-                images.save_png(result, path, info)
-                if args.compare:
-                    panel = side_by_side(panels + [result] + ([clean] if clean else []), result.size)
-                    images.save_png(panel, path.with_name(f"{path.stem}_compare.png"), info)
-            if args.repairing:
-                paths.append(out / f"{names[f]}_mask.png")
-                images.save_png(panels[1], paths[-1], {"source": str(f), **extra})
-            tqdm.write(f"wrote {', '.join(str(p) for p in paths)} ({time.time() - t0:.1f} s)", file=sys.stderr)
-        except (ImageError, RestoreError, OSError) as e:
-            fail(f, one_line(e))
-            failed += 1
-        except Exception as e:  # noqa: BLE001 — one bad image must not stop the batch
-            if isinstance(e, torch.cuda.OutOfMemoryError):
-                fail(f, "out of GPU memory (try --offload, --tile-vae, --tile-size 1024)")
-            else:
-                fail(f, f"{type(e).__name__}: {one_line(e)}")
-            failed += 1
+    if restorer is not None:
+        restorer.encode_prompts([replace(settings, prompt=job.prompt).positive_text for job in todo] + [settings.negative])
+        restorer.free_text_encoders()
+    work = worker(args, out, settings, params, restorer, up, info)
+    for job in tqdm(todo, desc="images", unit="img", disable=None, position=rank if world > 1 else None):
+        failed += not run_one(job, work)
     return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    return cli.run(lambda: restore_all(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from mini_supir.train_data import (DEGRADATIONS, MASK_WEIGHT, MAX_TRAIN_PIXELS, 
                                    collate, mix, read_caption, scan_folder)
 from mini_supir.train_model import TARGETS, Captions, encode_batch
 from mini_supir.train_preview import Preview, preview_pair
-from mini_supir.train_run import (Parser, Processes, Progress, RunFolder, StopSignal, TrainingError,
+from mini_supir.train_run import (Processes, Progress, RunFolder, StopSignal, TrainingError,
                                   ignore_stop_signals, option_problems, run, start_processes)
 from mini_supir.train_state import (Adapters, ResumeError, check_resume, kohya_metadata, read_checkpoint,
                                     save_checkpoint, settings, write_lora)
@@ -64,8 +64,8 @@ FREE = ("resume", "max_steps", "save_every", "preview_every", "out")
 FRACTION = cli.number(float, 0, 1)  # chances, dropout, EMA decay
 
 
-def build_parser() -> Parser:
-    p = Parser(prog="train.py", description="Train a restoration LoRA for SUPIR.",
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="train.py", description="Train a restoration LoRA for SUPIR.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", required=True, type=Path, help="folder of HQ images, optional <name>.txt captions")
@@ -95,7 +95,7 @@ def build_parser() -> Parser:
     m.add_argument("--supir", help="SUPIR file: path, Q, F or repo_id/filename; --model sdxl: 'Q'")
     m.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="frozen weights and autocast (auto: bf16 on CUDA, fp32 elsewhere); LoRA stays fp32")
-    m.add_argument("--device", default="auto", help="auto, cuda, cuda:1 or cpu (torchrun: cuda:LOCAL_RANK)")
+    m.add_argument("--device", type=cli.device, default="auto", help="auto, cuda, cuda:1, mps or cpu (torchrun: cuda:LOCAL_RANK)")
     m.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet blocks in backward")
 
     a = p.add_argument_group("LoRA")

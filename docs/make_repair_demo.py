@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mini_supir import images, mask_synth  # noqa: E402
 from mini_supir import mask as masks  # noqa: E402
 from mini_supir import repair  # noqa: E402
 from mini_supir.metrics import psnr  # noqa: E402
@@ -28,8 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "repair_demo.png")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    clean = masks.load_image(a.image)
-    damaged, known = masks.synthesize_damage(clean, a.seed, kinds=("cracks", "scratches"))
+    clean = images.load_tensor(a.image)[0]
+    damaged, known = mask_synth.synthesize_damage(clean, a.seed, kinds=("cracks", "scratches"))
     damaged = (damaged * 255).round() / 255  # what the damaged PNG holds
     hard = masks.detect_damage(damaged)
     m = repair.soft_mask(hard)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import warnings
 from typing import Callable
 
 from tqdm import tqdm
@@ -25,13 +26,28 @@ def fail(what, problem) -> None:
     tqdm.write(f"error: {what}: {problem}" if what is not None else f"error: {problem}", file=sys.stderr)
 
 
+def warn(message) -> None:
+    """`warning: MESSAGE` on stderr, one line, without breaking a progress bar."""
+    tqdm.write(f"warning: {one_line(message)}", file=sys.stderr)
+
+
 def run(main: Callable[[], int]) -> int:
-    """A tool's exit code; Ctrl-C stops it with one line and 130 (128 + SIGINT), as shells expect."""
-    try:
-        return main()
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    """A tool's exit code; Ctrl-C stops it with one line and 130 (128 + SIGINT), as shells expect. Library
+    warnings (an animated GIF read as its first frame, a LoRA applied in part) print as one `warning:` line."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_, **__: warn(message)
+        try:
+            return main()
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            return 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad option as one line (no usage block above it), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 # -- option types ----------------------------------------------------------------------------------------
@@ -41,6 +57,8 @@ def run(main: Callable[[], int]) -> int:
 def number(kind: type = float, low: float | None = None, high: float | None = None, low_open: bool = False,
            none: bool = False) -> Callable[[str], float | int | None]:
     """An argparse type: a finite `kind` in [low, high] (low excluded with `low_open`); "none" with `none`."""
+    show = (lambda v: f"{v:g}") if kind is float else str  # an int bound in full, not 9.22337e+18
+
     def parse(s: str):
         if none and s.strip().lower() == "none":
             return None
@@ -48,12 +66,12 @@ def number(kind: type = float, low: float | None = None, high: float | None = No
             value = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(value):
+        if kind is float and not math.isfinite(value):  # (an int is finite, and math.isfinite(10**400) overflows)
             raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
         if low is not None and (value < low or (low_open and value == low)):
-            raise argparse.ArgumentTypeError(f"{s} must be {'>' if low_open else '>='} {low:g}")
+            raise argparse.ArgumentTypeError(f"{s} must be {'>' if low_open else '>='} {show(low)}")
         if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"{s} must be <= {high:g}")
+            raise argparse.ArgumentTypeError(f"{s} must be <= {show(high)}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
     return parse
@@ -79,3 +97,23 @@ def lora_spec(s: str) -> tuple[str, float]:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{s!r}: the scale must be a finite number")
     return path, value
+
+
+def device(s: str) -> str:
+    """auto, cpu, cuda, cuda:N or mps, present on this machine (torch would fail later, blaming the model)."""
+    import torch
+    if s == "auto":
+        return s
+    try:
+        d = torch.device(s)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a device: auto, cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{s}: this machine has no CUDA GPU (use cpu or auto)")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{s}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if d.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise argparse.ArgumentTypeError(f"{s}: MPS is not available here (use cpu or auto)")
+    if d.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{s}: only cpu, cuda and mps devices are supported")
+    return s

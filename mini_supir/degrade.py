@@ -14,27 +14,27 @@ Named settings (`SETTINGS`):
   `sr4-blur2` (Gaussian blur sigma 2, bicubic x4) is the SUPIR / seed-paper setting.
 - `realesrgan`: the second-order random pipeline of Real-ESRGAN (Wang et al. 2021, arXiv:2107.10833) with
   the ranges of its x4plus training config (`RealESRGANConfig`).
-- `cracks`, `cracks-paint` (`Damage`): synthetic photo damage from `mask.synthesize_damage` at the GT size:
+- `cracks`, `cracks-paint` (`Damage`): synthetic photo damage from `mask_synth.synthesize_damage` at the GT size:
   cracks and scratches (what the automatic damage detector looks for), and those plus patches of missing
   paint. `damage(img, setting, seed)` also returns where the damage is (the mask a repair is scored inside).
 
-CLI: python -m mini_supir.degrade --in GT_DIR --out LQ_DIR --setting sr4-blur2 [--seed 0]
+CLI (degrade_cli.py): python -m mini_supir.degrade --in GT_DIR --out LQ_DIR --setting sr4-blur2 [--seed 0]
 """
-import argparse
 import hashlib
 import io
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import atomic_write, open_image, split_alpha, to_tensor
-from .mask import synthesize_damage
+from .images import load_tensor as load_image  # noqa: F401 — the GT / LQ file reader of train.py, evaluate.py
+from .images import quantize, to_uint8
+from .images import save_tensor as save_image  # noqa: F401 — and their writer
+from .mask_synth import synthesize_damage
 
 # --------------------------------------------------------------------------------------------------
 # Building blocks
@@ -152,11 +152,6 @@ def jpeg(img: torch.Tensor, quality) -> torch.Tensor:
         buffer.seek(0)
         out.append(torch.from_numpy(np.asarray(Image.open(buffer).convert("RGB")).copy()))
     return torch.stack(out).permute(0, 3, 1, 2).to(img) / 255
-
-
-def quantize(img: torch.Tensor) -> torch.Tensor:
-    """Round to 8-bit levels, as saving and re-reading a PNG does."""
-    return (img * 255).round().clamp(0, 255) / 255
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,7 +322,7 @@ def realesrgan_degrade(img: torch.Tensor, generator: torch.Generator, cfg: RealE
 
 @dataclass(frozen=True)
 class Damage:
-    """Cracks, scratches, stains or missing paint drawn on the image (`mask.synthesize_damage`); size kept."""
+    """Cracks, scratches, stains or missing paint drawn on the image (`mask_synth.synthesize_damage`); size kept."""
     kinds: tuple[str, ...] = ("cracks", "scratches")
     amount: float = 1.0  # scales the number of cracks / scratches / patches
 
@@ -388,66 +383,12 @@ def degrade(img: torch.Tensor, setting: str | Setting | RealESRGANConfig | Damag
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def load_image(path: str | Path) -> torch.Tensor:
-    """(1, 3, H, W) float32 in [0, 1] from an image file: images.open_image (size checked from the header,
-    EXIF orientation), 8- or 16-bit grey to RGB, alpha dropped."""
-    return to_tensor(split_alpha(open_image(path), background=None)[0])
-
-
-def to_uint8(img: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8, rounded."""
-    return (img.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_image(img: torch.Tensor, path: str | Path) -> None:
-    """Write a (1, 3, H, W) or (3, H, W) image in [0, 1] as PNG, atomically (temporary file + rename)."""
-    im = Image.fromarray(to_uint8(img.reshape(-1, *img.shape[-3:]))[0])
-    atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
-
-
 def image_seed(seed: int, name: str) -> int:
     """Per-file seed from the base seed and the file name (not from which other files are in the folder).
     32 bits, because torch's CPU generator (mt19937) only uses the low 32 bits of a seed."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:4], "little")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mini_supir.degrade",
-                                     description="Write a low-quality (LQ) copy of every image in a folder.")
-    parser.add_argument("--in", dest="input", required=True, type=Path, help="folder of ground-truth images")
-    parser.add_argument("--out", required=True, type=Path, help="folder for the LQ PNGs (created)")
-    parser.add_argument("--setting", default="sr4-blur2", choices=sorted(SETTINGS))
-    parser.add_argument("--seed", type=int, default=0, help="base seed; each file's seed also uses its name")
-    args = parser.parse_args(argv)
-    from tqdm import tqdm
-
-    if not args.input.is_dir():
-        return _fail(f"input folder {args.input} does not exist")
-    if args.out.resolve() == args.input.resolve():
-        return _fail("--out must differ from --in (the LQ PNGs would overwrite the ground truth)")
-    files = sorted(p for p in args.input.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        return _fail(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {args.input}")
-    stems = [p.stem for p in files]
-    if len(set(stems)) != len(stems):
-        return _fail(f"two input images share a name: {sorted(s for s in set(stems) if stems.count(s) > 1)}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    error = None
-    with tqdm(files, desc=f"degrade {args.setting}", unit="img") as progress:
-        for path in progress:
-            try:
-                lq = degrade(load_image(path), args.setting, seed=image_seed(args.seed, path.name))
-            except (OSError, ValueError) as e:  # unreadable or too small; PIL's errors are OSErrors
-                error = f"{path}: {e}"
-                break
-            save_image(lq, args.out / f"{path.stem}.png")
-    return _fail(error) if error else 0
-
-
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 1
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m mini_supir.degrade: the command line lives in degrade_cli.py
+    from .degrade_cli import main
     sys.exit(main())

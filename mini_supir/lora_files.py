@@ -160,6 +160,9 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     config = path.parent / "adapter_config.json"
     if path.stem == "adapter_model" and config.exists():
         metadata["adapter_config"] = config.read_text()
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # merged, they would turn every restoration into NaN, blamed on the image
+        raise LoRAFileError(f"{path.name}: {len(broken)} tensors hold NaN or inf values: {_few(broken, 2)}")
     return tensors, metadata
 
 

@@ -1,4 +1,4 @@
-"""Damage masks for photo repair: an automatic crack/scratch detector and a synthetic damage generator.
+"""Damage masks for photo repair: the automatic crack/scratch detector, and reading painted masks.
 
 Detector (`detect_damage`, `auto_mask`), on the luma Y of the image:
   1. thin-structure response. The black-hat closing(Y) - Y is large on dark structures narrower than the
@@ -16,54 +16,62 @@ Detector (`detect_damage`, `auto_mask`), on the luma Y of the image:
   5. `feather` turns the hard mask into a smooth [0, 1] blending weight.
 All morphology is max-pooling on torch tensors; connected components are a vectorised union-find in numpy.
 
-Generator (`synthesize_damage`): branching crack polylines (dirt-dark or paper-white), thin bright scratches,
-stains and missing paint (flat paper-coloured patches) with their known mask, deterministic per seed.
-
-CLI:
+Synthetic damage with its known mask is mask_synth.py; the command line (mask_cli.py):
   python -m mini_supir.mask --image photo.png --out mask.png                                # automatic mask
   python -m mini_supir.mask --image photo.png --damage damaged.png --out mask.png --seed 0  # synthetic damage
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import atomic_write, open_image, split_alpha, to_tensor
+from .images import ImageError, open_image, split_alpha
 
 # ----------------------------------------------------------------------------------------------------------
 # parameters
 
 
-def _param(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _param(default, help: str, low: float = 0, high: float | None = None):
+    # [low, high]: outside it the detector finds nothing (radius 0, window 1) or never ends (huge windows)
+    return field(default=default, metadata={"help": help, "low": low, "high": high})
 
 
 @dataclass(frozen=True)
 class MaskParams:
     """Automatic damage detector settings. Lengths are in pixels, intensities in luma units (0..1)."""
-    radius: int = _param(2, "hat radius: finds dark / bright lines up to ~2*radius+1 px wide")
-    wide_radius: int = _param(5, "structures that still respond at this radius are image content, not damage")
-    wide_weight: float = _param(1.0, "how much of the wide response is subtracted (0: plain black-hat / top-hat)")
+    radius: int = _param(2, "hat radius: finds dark / bright lines up to ~2*radius+1 px wide", 1, 64)
+    wide_radius: int = _param(5, "structures that still respond at this radius are image content, not damage", 1, 128)
+    wide_weight: float = _param(1.0, "how much of the wide response is subtracted (0: plain black-hat / top-hat)", 0, 10)
     dark: bool = _param(True, "detect dark damage (dirt-filled cracks, dust) with the black-hat")
     bright: bool = _param(True, "detect bright damage (scratches, cracks down to the paper) with the top-hat")
-    window: int = _param(31, "side of the window of the local statistics of the adaptive threshold")
-    weak_k: float = _param(2.0, "weak threshold: median + weak_k * (upper quartile - median) + weak_offset")
-    weak_offset: float = _param(0.03, "weak threshold offset (luma units)")
-    strong_k: float = _param(4.0, "strong (seed) threshold, same form")
-    strong_offset: float = _param(0.10, "strong threshold offset (luma units)")
+    window: int = _param(31, "side of the window of the local statistics of the adaptive threshold", 3, 1024)
+    weak_k: float = _param(2.0, "weak threshold: median + weak_k * (upper quartile - median) + weak_offset", 0, 100)
+    weak_offset: float = _param(0.03, "weak threshold offset (luma units)", 0, 1)
+    strong_k: float = _param(4.0, "strong (seed) threshold, same form", 0, 100)
+    strong_offset: float = _param(0.10, "strong threshold offset (luma units)", 0, 1)
     seed_length: int = _param(15, "a strong segment seeds a detection only if at least this long")
     min_length: int = _param(40, "drop components shorter than this (bounding-box diagonal): specks, texture")
-    close_radius: int = _param(1, "closing radius that bridges small gaps along a crack before labelling")
-    dilate_radius: int = _param(1, "grow the final mask to cover the crack's anti-aliased border")
-    feather_sigma: float = _param(1.5, "Gaussian sigma of the soft blending mask (`auto_mask`, `feather`)")
+    close_radius: int = _param(1, "closing radius that bridges small gaps along a crack before labelling", 0, 64)
+    dilate_radius: int = _param(1, "grow the final mask to cover the crack's anti-aliased border", 0, 64)
+    feather_sigma: float = _param(1.5, "Gaussian sigma of the soft blending mask (`auto_mask`, `feather`)", 0, 64)
+
+    def __post_init__(self):
+        problems = []
+        for f in fields(self):
+            v, low, high = getattr(self, f.name), f.metadata["low"], f.metadata["high"]
+            if isinstance(v, bool) or f.type in ("bool", bool):
+                if not isinstance(v, bool):
+                    problems.append(f"{f.name} is true or false, not {v!r}")
+            elif not math.isfinite(v) or v < low or (high is not None and v > high):
+                problems.append(f"{f.name} must be in [{low:g}, {high if high is not None else 'inf'}], not {v}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -250,238 +258,39 @@ def auto_mask(img: torch.Tensor, params: MaskParams = MaskParams()) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------------------
-# synthetic damage
-
-KINDS = ("cracks", "scratches", "blotches", "missing")
-PAPER = (0.93, 0.90, 0.81)      # faded photo paper showing through where the emulsion flaked off
+# painted masks
 
 
-def _u(g: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> float:
-    return lo + (hi - lo) * torch.rand((), generator=g).item()
-
-
-def _stamp(alpha: torch.Tensor, pts: torch.Tensor, rad: torch.Tensor, strength: torch.Tensor) -> None:
-    """Max-composite anti-aliased discs (centres pts (N, 2) as (y, x), radii, peak strengths) into alpha."""
-    h, w = alpha.shape
-    R = math.ceil(rad.max().item() + 1)
-    off = torch.arange(-R, R + 1, dtype=torch.float32)
-    oy, ox = torch.meshgrid(off, off, indexing="ij")
-    py = pts[:, 0].round()[:, None] + oy.flatten()[None]
-    px = pts[:, 1].round()[:, None] + ox.flatten()[None]
-    dist = torch.sqrt((py - pts[:, :1]) ** 2 + (px - pts[:, 1:]) ** 2)
-    cover = (rad[:, None] + 0.5 - dist).clamp(0, 1) * strength[:, None]    # 1-px linear edge ramp
-    ok = (py >= 0) & (py < h) & (px >= 0) & (px < w) & (cover > 0)
-    flat = (py[ok] * w + px[ok]).long()
-    alpha.view(-1).scatter_reduce_(0, flat, cover[ok], reduce="amax")
-
-
-def _densify(poly: torch.Tensor, *attrs: torch.Tensor, step: float = 0.5):
-    """Resample a polyline (K, 2) and per-vertex attributes every `step` px along its length."""
-    seg = (poly[1:] - poly[:-1]).norm(dim=1)
-    s = torch.cat([torch.zeros(1), seg.cumsum(0)])
-    t = torch.arange(0, s[-1].item() + step, step)
-    i = torch.searchsorted(s, t, right=True).clamp(1, len(s) - 1) - 1
-    f = ((t - s[i]) / seg[i].clamp_min(1e-6)).clamp(0, 1)[:, None]
-    lerp = lambda a: a[i] + f[:, 0] * (a[i + 1] - a[i]) if a.ndim == 1 else a[i] + f * (a[i + 1] - a[i])
-    return (lerp(poly),) + tuple(lerp(a) for a in attrs)
-
-
-def _smooth_walk(g: torch.Generator, n: int, lo: float, hi: float, jitter: float) -> torch.Tensor:
-    """A slowly varying random sequence in [lo, hi] (width / darkness along a crack)."""
-    v = torch.empty(n)
-    v[0] = _u(g, lo, hi)
-    for k in range(1, n):
-        v[k] = min(hi, max(lo, v[k - 1].item() + jitter * (hi - lo) * (2 * _u(g) - 1)))
-    return v
-
-
-def _crack(g, alpha, start, angle, length, width, depth):
-    """Random-walk polyline with direction drift; spawns thinner side branches (recursively, `depth` levels)."""
-    n = max(2, int(length / 6))
-    ang = angle + torch.cumsum(torch.randn(n, generator=g) * 0.35, 0)
-    steps = torch.stack([torch.sin(ang), torch.cos(ang)], 1) * (3 + 6 * torch.rand(n, 1, generator=g))
-    poly = torch.cat([start[None], start[None] + steps.cumsum(0)])
-    rad = _smooth_walk(g, n + 1, 0.35 * width, width, 0.3)
-    dark = _smooth_walk(g, n + 1, 0.7, 1.0, 0.25)
-    pts, rad_d, dark_d = _densify(poly, rad, dark)
-    _stamp(alpha, pts, rad_d, dark_d)
-    if depth > 0:
-        for k in range(1, n):
-            if _u(g) < 0.08:
-                side = 1 if _u(g) < 0.5 else -1
-                _crack(g, alpha, poly[k], ang[k - 1].item() + side * _u(g, 0.4, 1.2),
-                       length * _u(g, 0.15, 0.45), max(0.5, rad[k].item() * 0.8), depth - 1)
-
-
-def _blob(g: torch.Generator, h: int, w: int, radius: float) -> torch.Tensor:
-    """Irregular star-shaped region: an ellipse whose radius wobbles with a few random harmonics. (H, W) bool."""
-    cy, cx = _u(g, 0, h), _u(g, 0, w)
-    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                          indexing="ij")
-    rot, aspect = _u(g, 0, math.pi), _u(g, 0.5, 1.0)
-    dy, dx = y - cy, x - cx
-    a = dx * math.cos(rot) + dy * math.sin(rot)
-    b = (-dx * math.sin(rot) + dy * math.cos(rot)) / aspect
-    theta, dist = torch.atan2(b, a), torch.sqrt(a * a + b * b)
-    r = torch.ones_like(theta)
-    for k in range(2, 7):
-        r = r + _u(g, 0, 0.5 / k) * torch.cos(k * theta + _u(g, 0, 2 * math.pi))
-    return dist < radius * r
-
-
-def synthesize_damage(img: torch.Tensor, generator: torch.Generator | int | None = 0,
-                      kinds=KINDS, amount: float = 1.0, visible: float = 0.03):
-    """Draw synthetic damage on a clean image.
-
-    img: (3, H, W) float in [0, 1]. generator: torch.Generator or int seed (same seed -> same damage).
-    kinds: subset of KINDS. amount: scales the number of cracks / scratches / stains / patches.
-    Returns (damaged (3, H, W) in [0, 1], mask (H, W) bool): the mask marks every pixel the damage changed by
-    more than `visible` in some channel (a crack over a black area changes nothing and is not damage).
-    """
-    if isinstance(generator, torch.Generator):
-        g = generator
-    else:
-        g = torch.Generator().manual_seed(0 if generator is None else int(generator))
-    unknown = set(kinds) - set(KINDS)
-    if unknown:
-        raise ValueError(f"unknown damage kinds {sorted(unknown)}; choose from {KINDS}")
-    img = img.float().clamp(0, 1)
-    _, h, w = img.shape
-    diag, short = math.hypot(h, w), min(h, w)
-    out = img.clone()
-
-    def count(base: float) -> int:
-        return int(base * amount + _u(g))      # stochastic rounding keeps the expected count = base * amount
-
-    if "blotches" in kinds:       # stains: translucent yellow-brown discolouration with a soft edge
-        for _ in range(count(2)):
-            region = _blob(g, h, w, _u(g, 0.03, 0.10) * short).float()
-            a = gaussian_blur(region, 2.0) * _u(g, 0.3, 0.6)
-            tint = torch.tensor([_u(g, 0.45, 0.6), _u(g, 0.3, 0.4), _u(g, 0.1, 0.2)]).view(3, 1, 1)
-            out = out * (1 - a) + tint * out.mean(0, keepdim=True).clamp_min(0.3) * 1.4 * a
-    if "missing" in kinds:        # paint loss: flat paper colour, faint paper grain
-        for _ in range(count(2)):
-            region = gaussian_blur(_blob(g, h, w, _u(g, 0.02, 0.06) * short).float(), 0.7)
-            paper = torch.tensor(PAPER).view(3, 1, 1) * (1 + 0.02 * torch.randn(1, h, w, generator=g))
-            out = out * (1 - region) + paper * region
-    if "cracks" in kinds:         # branching cracks: dirt in the broken emulsion, or the bare paper beneath
-        for _ in range(count(3)):
-            alpha = torch.zeros(h, w)
-            start = torch.tensor([_u(g, 0, h), _u(g, 0, w)])
-            _crack(g, alpha, start, _u(g, 0, 2 * math.pi), _u(g, 0.25, 0.6) * diag, _u(g, 0.6, 1.6), 2)
-            ink = torch.tensor(PAPER) if _u(g) < 0.3 else torch.tensor([0.09, 0.07, 0.05]) * _u(g, 0.6, 1.4)
-            out = out * (1 - alpha) + ink.view(3, 1, 1) * alpha
-    if "scratches" in kinds:      # bright, thin, nearly straight lines, often broken into dashes
-        alpha = torch.zeros(h, w)
-        for _ in range(count(3)):
-            p0 = torch.tensor([_u(g, 0, h), _u(g, 0, w)])
-            ang, length = _u(g, 0, 2 * math.pi), _u(g, 0.2, 0.7) * diag
-            p2 = p0 + length * torch.tensor([math.sin(ang), math.cos(ang)])
-            p1 = (p0 + p2) / 2 + _u(g, -0.08, 0.08) * length * torch.tensor([math.cos(ang), -math.sin(ang)])
-            t = torch.linspace(0, 1, 64)[:, None]
-            poly = (1 - t) ** 2 * p0 + 2 * t * (1 - t) * p1 + t ** 2 * p2     # quadratic Bezier
-            n = len(poly)
-            rad = _smooth_walk(g, n, 0.4, _u(g, 0.6, 1.2), 0.2)
-            dash = (torch.rand(n, generator=g) > _u(g, 0, 0.3)).float()
-            strength = _smooth_walk(g, n, 0.5, 0.95, 0.2) * dash
-            pts, rad_d, s_d = _densify(poly, rad, strength)
-            _stamp(alpha, pts, rad_d, s_d)
-        out = out * (1 - alpha) + torch.tensor([0.97, 0.97, 0.95]).view(3, 1, 1) * alpha
-    out = out.clamp(0, 1)
-    return out, (out - img).abs().amax(0) > visible
-
-
-# ----------------------------------------------------------------------------------------------------------
-# files
-
-
-def load_image(path) -> torch.Tensor:
-    """Image file -> (3, H, W) float in [0, 1] (images.open_image: header size check, 16-bit grey, EXIF)."""
-    return to_tensor(split_alpha(open_image(path), background=None)[0])[0]
+def check_aspect(mask_size: tuple[int, int], image_size: tuple[int, int]) -> None:
+    """Refuse a mask (width, height) that is not the image's shape at some scale (up to rounding to whole
+    pixels): stretching it would move the marked damage off the real damage."""
+    (mw, mh), (w, h) = mask_size, image_size
+    (cw, ch), (fw, fh) = sorted([(mw, mh), (w, h)], key=lambda s: s[0] * s[1])  # coarse, fine grid
+    # some scale s maps the fine grid onto the coarse one with each side within a pixel: round(fw * s) ~ cw
+    if max((cw - 1) / fw, (ch - 1) / fh) > min((cw + 1) / fw, (ch + 1) / fh):
+        raise ImageError(f"the mask is {mw}x{mh}, the image {w}x{h}: another shape (a mask is scaled, never "
+                         "stretched: paint it on the image or a resized copy)")
 
 
 def load_mask(path, size: tuple[int, int]) -> torch.Tensor:
     """Read a user-painted mask (white = damage) and fit it to an image of size (H, W) -> bool (H, W).
 
-    Images with transparency use the alpha channel (paint on an empty layer); others their grey level.
-    Binarised at half intensity, resized with Pillow's antialiased bilinear filter, and a pixel counts as
-    damaged if at least a quarter of it was painted, so thin strokes survive downscaling.
+    Images with transparency use the alpha channel (paint on an empty layer); others their grey level (8- or
+    16-bit). Binarised at half intensity, resized with Pillow's antialiased bilinear filter, and a pixel
+    counts as damaged if at least a quarter of it was painted, so thin strokes survive downscaling. A mask
+    of another shape is refused (check_aspect).
     """
-    with Image.open(path) as im:
-        if "A" in im.getbands() and im.getextrema()[-1][0] < 255:
-            grey = im.getchannel("A")
-        else:
-            grey = im.convert("L")
-        h, w = size
-        binary = grey.point(lambda v: 255 if v >= 128 else 0)
-        if binary.size != (w, h):
-            binary = binary.resize((w, h), Image.BILINEAR)
-        a = np.asarray(binary, dtype=np.float32) / 255.0
-    return torch.from_numpy(a >= 0.25)
+    im = open_image(path)
+    h, w = size
+    check_aspect(im.size, (w, h))
+    rgb, alpha = split_alpha(im, background=None)
+    grey = alpha if alpha is not None and alpha.getextrema()[0] < 255 else rgb.convert("L")
+    binary = grey.point(lambda v: 255 if v >= 128 else 0)
+    if binary.size != (w, h):
+        binary = binary.resize((w, h), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(binary, dtype=np.float32) / 255.0 >= 0.25)
 
 
-def _image_format(path: Path) -> str:
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"unknown image extension {path.suffix!r} for {path}")
-    return fmt
-
-
-def save_image(x: torch.Tensor, path) -> None:
-    """(3, H, W) or (H, W) in [0, 1] -> 8-bit file, written atomically (temp file + rename)."""
-    path = Path(path)
-    a = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    im = Image.fromarray(a if a.ndim == 2 else a.transpose(1, 2, 0))
-    fmt = _image_format(path)
-    atomic_write(path, lambda tmp: im.save(tmp, format=fmt))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mini_supir.mask", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--image", required=True, help="input photo")
-    p.add_argument("--out", required=True, help="mask PNG to write (white = damage)")
-    p.add_argument("--soft", action="store_true", help="write the feathered mask instead of the hard one")
-    p.add_argument("--damage", metavar="DAMAGED", help="synthetic mode: write a damaged copy of --image here "
-                   "and its known mask to --out")
-    p.add_argument("--seed", type=int, default=0, help="synthetic mode: random seed")
-    p.add_argument("--kinds", default=",".join(KINDS), help="synthetic mode: comma-separated damage kinds")
-    p.add_argument("--amount", type=float, default=1.0, help="synthetic mode: how much damage")
-    defaults = MaskParams()
-    for f in fields(MaskParams):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name),
-                           help=f.metadata["help"])
-        else:
-            kind = int if f.type in ("int", int) else float
-            p.add_argument(flag, type=kind, default=getattr(defaults, f.name), help=f.metadata["help"])
-    a = p.parse_args(argv)
-    try:
-        for out in (a.out, a.damage):   # fail before any work or any file is written
-            if out:
-                _image_format(Path(out))
-        img = load_image(a.image)
-        params = MaskParams(**{f.name: getattr(a, f.name) for f in fields(MaskParams)})
-        if a.damage:
-            kinds = tuple(k.strip() for k in a.kinds.split(",") if k.strip())
-            damaged, mask = synthesize_damage(img, a.seed, kinds, a.amount)
-            save_image(damaged, a.damage)
-            save_image(feather(mask, params.feather_sigma) if a.soft else mask.float(), a.out)
-            print(f"wrote {a.damage} and {a.out} ({mask.float().mean().item():.2%} damaged)")
-        else:
-            mask = detect_damage(img, params)
-            save_image(feather(mask, params.feather_sigma) if a.soft else mask.float(), a.out)
-            print(f"wrote {a.out} ({mask.float().mean().item():.2%} of the image marked)")
-    except (OSError, ValueError) as e:     # missing / unreadable / non-image files, bad extensions or kinds
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m mini_supir.mask: the command line lives in mask_cli.py
+    from .mask_cli import main
     sys.exit(main())

@@ -86,8 +86,15 @@ class RestoreSettings:
             problems.append(f"sampler must be one of {SAMPLERS}, not {self.sampler!r}")
         if self.color_fix not in COLOR_FIXES:
             problems.append(f"color_fix must be one of {COLOR_FIXES}, not {self.color_fix!r}")
-        if self.steps < 1 or self.num_samples < 1:
-            problems.append("steps and num_samples must be >= 1")
+        # NaN would pass every comparison below and fail (or silently give noise) only while sampling
+        floats = ("upscale", "cfg", "cfg_start", "control_scale", "control_start", "restore_cfg", "s_churn",
+                  "s_noise", "eta")
+        problems += [f"{name} must be a finite number, not {getattr(self, name)}" for name in floats
+                     if getattr(self, name) is not None and not -float("inf") < getattr(self, name) < float("inf")]
+        # 1000 is the DDPM schedule's length (more steps repeat its sigmas); a schedule or a list of output
+        # names a typo makes 10^11 long would fill the memory before the first step
+        if not (1 <= self.steps <= 1000 and 1 <= self.num_samples <= 1000):
+            problems.append(f"steps and num_samples must be in 1..1000, not {self.steps} and {self.num_samples}")
         if not self.upscale > 0 or self.min_size < 0:
             problems.append("upscale must be > 0 and min_size >= 0")
         for name in ("vae_tile_size", "tile_size", "tile_stride"):
@@ -300,6 +307,17 @@ class Restorer:
         cls._merge_loras(model, loras, lora_strict)
         return cls(model, **placement)
 
+    @staticmethod
+    def weight_specs(model: str = "sdxl", mode: str = "quality", sdxl: str | None = None,
+                     supir_file: str | None = None) -> tuple[str, str] | None:
+        """The (SDXL, SUPIR) file specs `load` reads for these options, or None for random weights (a tiny /
+        medium preset without files), so a tool can find every file of a run before it loads any."""
+        if model != "sdxl" and sdxl is None and supir_file is None:
+            return None
+        if model != "sdxl" and (sdxl is None or supir_file is None):
+            raise WeightsError("--sdxl/--supir", f"--model {model} with weight files needs both")
+        return sdxl or "sdxl", supir_file or ("F" if mode == "fidelity" else "Q")
+
     @classmethod
     def load(cls, model: str = "sdxl", mode: str = "quality", sdxl: str | None = None, supir_file: str | None = None,
              loras: tuple[tuple[str, float], ...] = (), lora_strict: bool = True, **placement
@@ -309,11 +327,9 @@ class Restorer:
         mode); a tiny / medium preset without files gets random weights. Every file is found (or named as
         missing, all at once) before any is downloaded or read; raises weights.WeightsError(file, problem)."""
         cfg = supir.PRESETS[model]
-        random = model != "sdxl" and sdxl is None and supir_file is None
-        if model != "sdxl" and not random and (sdxl is None or supir_file is None):
-            raise WeightsError("--sdxl/--supir", f"--model {model} with weight files needs both")
-        sdxl = sdxl or "sdxl"
-        supir_file = supir_file or ("F" if mode == "fidelity" else "Q")
+        pair = cls.weight_specs(model, mode, sdxl, supir_file)
+        random = pair is None
+        sdxl, supir_file = pair or (sdxl, supir_file)
         specs = [f for f, _ in loras] + ([] if random else [sdxl, supir_file])
         files = resolve_all(specs)
         found = tuple((files[str(f)], scale) for f, scale in loras)

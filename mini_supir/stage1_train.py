@@ -35,7 +35,7 @@ from . import cli, degrade, esrgan, images, lora, metrics, stage1
 from .devices import DTYPES, PeakMemory
 from .niqe import niqe
 from .train_data import Crops, DataError, Order, centre_crop, collate, load_image, mix, scan_folder
-from .train_run import OptionError, Parser, Progress, RunFolder, StopSignal, TrainingError, option_problems, run
+from .train_run import OptionError, Progress, RunFolder, StopSignal, TrainingError, option_problems, run
 from .train_state import (Adapters, check_resume, kohya_metadata, read_checkpoint, save_checkpoint, settings,
                           write_lora)
 from .train_utils import learning_rate, plot_loss, read_log, write_log
@@ -62,7 +62,7 @@ def wants(argv: list[str]) -> bool:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(prog="train.py", description="Train a LoRA on a stage-1 restorer.",
+    p = cli.ArgumentParser(prog="train.py", description="Train a LoRA on a stage-1 restorer.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, choices=sorted(stage1.REGISTRY), help="the pretrained restorer")
     p.add_argument("--data", required=True, type=Path, help="folder of HR training images")
@@ -225,13 +225,13 @@ class Stage1Trainer:
         self.net.eval()
         try:
             with self.autocast():
-                return [degrade.quantize(self.net(lq).float().clamp(0, 1)) for _, lq in self.val]
+                return [images.quantize(self.net(lq).float().clamp(0, 1)) for _, lq in self.val]
         finally:
             self.net.train(was)
 
     def score(self, outputs: list[torch.Tensor], model: str) -> dict:
         rows = [(metrics.psnr(o, hq, CROP_BORDER, y_channel=True).item(), metrics.ssim(o, hq, CROP_BORDER, y_channel=True).item(),
-                 niqe(degrade.to_uint8(o)[0])) for o, (hq, _) in zip(outputs, self.val)]
+                 niqe(images.to_uint8(o)[0])) for o, (hq, _) in zip(outputs, self.val)]
         mean = [sum(col) / len(col) for col in zip(*rows)]
         return {"step": self.step, "model": model, **{k: f"{v:.4f}" for k, v in zip(("psnr", "ssim", "niqe"), mean)}}
 
@@ -239,7 +239,7 @@ class Stage1Trainer:
         """Bicubic and the base network (the adapters at scale 0) on the validation pairs: their scores, and
         their outputs kept for the previews."""
         size = self.val[0][0].shape[-2:]
-        self.bicubic = [degrade.quantize(degrade.upsample(lq, size).clamp(0, 1)) for _, lq in self.val]
+        self.bicubic = [images.quantize(degrade.upsample(lq, size).clamp(0, 1)) for _, lq in self.val]
         lora.set_lora_scale(self.net, "default", 0.0)
         self.base = self.restore_val()
         lora.set_lora_scale(self.net, "default", 1.0)
@@ -257,7 +257,7 @@ class Stage1Trainer:
     def write_preview(self, restored: torch.Tensor) -> None:
         panel = torch.cat([self.bicubic[0], self.base[0], restored, self.val[0][0]], dim=-1)
         (self.out / "previews").mkdir(exist_ok=True)
-        image = Image.fromarray(degrade.to_uint8(panel)[0])
+        image = Image.fromarray(images.to_uint8(panel)[0])
         images.atomic_write(self.out / "previews" / f"step_{self.step:06d}.png", lambda tmp: image.save(tmp, format="PNG"))
 
     # -- files -------------------------------------------------------------------------------------------

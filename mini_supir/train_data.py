@@ -3,7 +3,7 @@
 Every random choice is a pure function of seeds (a data item of its file and item seed, the file order of the
 run seed and the epoch), so an item is the same in any loader worker, run or resume.
 
-Files are checked from their header when the folder is scanned (images.open_image); a huge one (more than
+Files are checked from their header when the folder is scanned (images.image_size); a huge one (more than
 MAX_TRAIN_PIXELS) is decoded once, scaled down to fit and kept in memory, instead of being decoded every
 time it is drawn.
 """
@@ -73,29 +73,9 @@ def mix(*parts: int) -> int:
 MAX_TRAIN_PIXELS = 4096 * 4096
 
 
-class _Measured(Exception):
-    """Raised by the size check to stop images.open_image once it has read the header."""
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height), EXIF rotation applied, from the header; raises images.ImageError for files that are
-    not images or are too large to decode at all."""
-    size = []
-
-    def measure(width: int, height: int) -> None:
-        size.append((width, height))
-        raise _Measured
-
-    try:
-        images.open_image(path, measure)
-    except _Measured:
-        pass
-    return size[0]
-
-
 def read_caption(image: Path, default: str) -> str:
-    text = image.with_suffix(".txt")
-    return text.read_text(encoding="utf-8").strip() if text.exists() else default
+    caption = images.caption_for(image)
+    return default if caption is None else caption
 
 
 def scan_folder(folder: Path, default_caption: str, warn: bool) -> tuple[list[Path], list[str], list[tuple[int, int]]]:
@@ -104,9 +84,9 @@ def scan_folder(folder: Path, default_caption: str, warn: bool) -> tuple[list[Pa
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder")
     files, captions, sizes = [], [], []
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in degrade.IMAGE_SUFFIXES):
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in images.extensions()):
         try:
-            size, caption = image_size(path), read_caption(path, default_caption)
+            size, caption = images.image_size(path), read_caption(path, default_caption)
         except (images.ImageError, OSError, UnicodeDecodeError) as e:
             if warn:
                 warnings.warn(f"skipping {path.name}: {one_line(e)}")
@@ -115,7 +95,7 @@ def scan_folder(folder: Path, default_caption: str, warn: bool) -> tuple[list[Pa
         captions.append(caption)
         sizes.append(size)
     if not files:
-        raise DataError(f"no readable images ({', '.join(degrade.IMAGE_SUFFIXES)}) in {folder}")
+        raise DataError(f"no readable image in {folder}")
     return files, captions, sizes
 
 

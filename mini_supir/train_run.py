@@ -9,14 +9,11 @@ contradicts), 1 for weight or checkpoint files that are missing or unreadable an
 """
 from __future__ import annotations
 
-import argparse
-import errno
 import os
 import re
 import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,6 +25,7 @@ from tqdm import tqdm
 from . import cli
 from .cli import fail, one_line
 from .devices import pick_device
+from .outputs import check_writable
 from .train_data import DataError
 from .train_state import ResumeError
 from .weights import CheckpointError, WeightsError
@@ -46,22 +44,14 @@ class TrainingError(RuntimeError):
     """The run itself failed, e.g. a non-finite loss (exit 1)."""
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with its errors as one line (exit 2), like every other refusal of the trainers; option
-    values are checked by the cli.py types (finite, in range) as they are parsed."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def option_problems(rules: list[tuple[str, bool, str]]) -> list[str]:
     """What the types cannot check alone: each rule (option, ok, what it must be) that does not hold."""
     return [f"--{name} must be {what}" for name, ok, what in rules if not ok]
 
 
 def run(main: Callable[[], int]) -> int:
-    """`main()` with every refusal as one line on stderr and its exit code (see the module docstring), and
-    warnings as one line each too; Ctrl-C outside the training loop as cli.run does (130)."""
+    """`main()` with every refusal as one line on stderr and its exit code (see the module docstring);
+    warnings and Ctrl-C outside the training loop as cli.run shows them."""
     def refusals() -> int:
         try:
             return main()
@@ -78,12 +68,7 @@ def run(main: Callable[[], int]) -> int:
             fail(None, "out of GPU memory (try --gradient-checkpointing, --cache-text, a smaller --batch-size)")
             return 1
 
-    format_warning = warnings.formatwarning
-    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {one_line(str(message))}\n"
-    try:
-        return cli.run(refusals)
-    finally:
-        warnings.formatwarning = format_warning
+    return cli.run(refusals)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -96,8 +81,8 @@ STALE = re.compile(r"\.(checkpoint\.pt|lora\.safetensors|(train|val)_log\.csv|lo
 
 
 class RunFolder:
-    """--out, made (or checked for writing) before any work, so a typo fails in a second, not at the first
-    checkpoint; locked while the run lasts, so two runs cannot write into one folder; cleared of the
+    """--out, checked for writing (outputs.check_writable) and made before any work, so a typo fails in a
+    second, not at the first checkpoint; locked while the run lasts, so two runs cannot write into one folder; cleared of the
     temporary files a killed run left. Without `resume`, a folder that holds a run is refused (its checkpoint
     would be overwritten). `close` removes the folders it made that stayed empty."""
 
@@ -110,9 +95,8 @@ class RunFolder:
                               "another --out")
         self.created = [p for p in (path, *path.parents) if not p.exists()][::-1]
         try:
+            check_writable(path)
             path.mkdir(parents=True, exist_ok=True)
-            if not os.access(path, os.W_OK | os.X_OK):  # modes, and read-only file systems even for root
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
             self.lock = os.open(path, os.O_RDONLY) if fcntl is not None else None
         except OSError as e:
             self.close()
@@ -237,14 +221,10 @@ class Processes:
 
 
 def start_processes(device: str) -> Processes:
-    """This process under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or alone; `device` as --device."""
+    """This process under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or alone; `device` as --device (checked by
+    cli.device)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    try:
-        dev = pick_device(device)
-    except RuntimeError:
-        raise OptionError(f"--device {device}: not a device (auto, cpu, cuda, cuda:N, mps)") from None
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise OptionError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    dev = pick_device(device)
     if device == "auto" and world > 1 and dev.type == "cuda":
         dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     if dev.type == "cuda":

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from mini_supir.degrade import (SETTINGS, add_gaussian_noise, add_poisson_noise, blur_kernel, degrade, jpeg,
-                                load_image, main, modcrop, sinc_kernel, upsample)
+                                load_image, modcrop, sinc_kernel, upsample)
+from mini_supir.degrade_cli import main
 from mini_supir.metrics import psnr, ssim
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "images"

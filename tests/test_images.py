@@ -43,12 +43,19 @@ def test_size_is_refused_from_the_header(tmp_path):
 
 
 def test_every_tool_reads_16_bit_grey(tmp_path):
-    """degrade.load_image (train.py, evaluate.py, the degrade CLI) and mask.load_image: not pure white."""
+    """One loader (images.open_image) for all: degrade.load_image (train.py, evaluate.py, the degrade CLI),
+    images.load_tensor (the mask CLI) and painted 16-bit masks: a ramp, not pure white."""
     import numpy as np
     from mini_supir import degrade, mask
     ramp = (np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 21)
     Image.fromarray(ramp).save(tmp_path / "g16.png")
     expected = np.round(ramp / 257) / 255
-    for x in (degrade.load_image(tmp_path / "g16.png")[0], mask.load_image(tmp_path / "g16.png")):
+    for x in (degrade.load_image(tmp_path / "g16.png")[0], images.load_tensor(tmp_path / "g16.png")[0]):
         assert x.shape == (3, 48, 64)
         assert np.abs(x[1].numpy() - expected).max() < 1e-6
+    painted = np.zeros((48, 64), np.uint16)
+    painted[10:20] = 65535
+    painted[30:40] = 20000  # below half intensity: not damage (convert("L") clipped it to white)
+    Image.fromarray(painted).save(tmp_path / "m16.png")
+    m = mask.load_mask(tmp_path / "m16.png", (48, 64))
+    assert m[10:20].all() and m.sum() == 10 * 64

@@ -8,9 +8,11 @@ import torch
 from PIL import Image
 from skimage.measure import label as sk_label
 
-from mini_supir.mask import (KINDS, PAPER, MaskParams, auto_mask, closing, damage_response, detect_damage,
-                             dilate, erode, feather, label_components, load_image, load_mask, main, opening,
-                             synthesize_damage)
+from mini_supir.images import ImageError, load_tensor
+from mini_supir.mask import (MaskParams, auto_mask, check_aspect, closing, damage_response, detect_damage, dilate,
+                             erode, feather, label_components, load_mask, opening)
+from mini_supir.mask_cli import main
+from mini_supir.mask_synth import KINDS, PAPER, synthesize_damage
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "images"
 PHOTOS = ("astronaut.png", "coffee.png", "motorcycle_left.png", "rocket.jpg")
@@ -21,7 +23,7 @@ TOLERANCE = 2   # px
 
 @pytest.fixture(scope="module")
 def photos():
-    return {name: load_image(IMAGES / name) for name in PHOTOS}
+    return {name: load_tensor(IMAGES / name)[0] for name in PHOTOS}
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +175,17 @@ def test_load_mask_binarises_resizes_and_reads_alpha(tmp_path):
     rgba[3:5, 2:9, 3] = 255          # painted on a transparent layer
     Image.fromarray(rgba, "RGBA").save(tmp_path / "layer.png")
     assert load_mask(tmp_path / "layer.png", (10, 12)).sum() == 14
+    with pytest.raises(ImageError, match="the mask is 80x50, the image 50x50: another shape"):
+        load_mask(tmp_path / "m.png", (50, 50))  # it used to be stretched silently
+
+
+def test_mask_shape_is_checked_up_to_rounding():
+    check_aspect((1000, 750), (4000, 3000))     # painted on a resized copy
+    check_aspect((10, 7), (100, 72))            # 7.2 px rounded to 7
+    check_aspect((4000, 3001), (1000, 750))     # a larger mask, one px off
+    for mask, image in (((64, 64), (64, 48)), ((4000, 3010), (1000, 750)), ((48, 64), (64, 48))):
+        with pytest.raises(ImageError, match="another shape"):
+            check_aspect(mask, image)
 
 
 def test_cli_writes_masks_atomically_and_fails_in_one_line(tmp_path, capsys, photos):
@@ -189,13 +202,23 @@ def test_cli_writes_masks_atomically_and_fails_in_one_line(tmp_path, capsys, pho
     assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.png", "dmg.png", "in.png", "known.png"]
     capsys.readouterr()
     (tmp_path / "notes.txt").write_text("not an image")
-    for argv in (["--image", str(tmp_path / "missing.png"), "--out", str(tmp_path / "x.png")],
-                 ["--image", str(tmp_path / "notes.txt"), "--out", str(tmp_path / "x.png")],
-                 ["--image", str(src), "--out", str(tmp_path / "x.unknown")],
-                 ["--image", str(src), "--damage", str(tmp_path / "d.png"), "--out", str(tmp_path / "x.png"),
-                  "--kinds", "mould"]):
-        assert main(argv) == 2
+    before = {f: f.read_bytes() for f in tmp_path.iterdir()}
+    damage = ["--damage", str(tmp_path / "d.png"), "--out", str(tmp_path / "x.png")]
+    for argv, problem in ((["--image", str(tmp_path / "missing.png"), "--out", str(tmp_path / "x.png")], "no such file"),
+                          (["--image", str(tmp_path / "notes.txt"), "--out", str(tmp_path / "x.png")], "not an image"),
+                          (["--image", str(src), "--out", str(tmp_path / "x.unknown")], "unknown image extension"),
+                          (["--image", str(src), *damage, "--kinds", "mould"], "choose from cracks"),
+                          (["--image", str(src), *damage, "--amount", "-1"], "must be > 0"),
+                          (["--image", str(src), "--out", str(tmp_path / "x.png"), "--amount", "2"], "needs --damage"),
+                          (["--image", str(src), "--out", str(tmp_path / "x.png"), "--radius", "-1"], "must be >= 1"),
+                          (["--image", str(src), "--out", str(tmp_path / "x.png"), "--window", "0"], "must be >= 3"),
+                          (["--image", str(src), "--out", str(tmp_path / "x.png"), "--weak-k", "nan"], "not a finite"),
+                          (["--image", str(src), "--out", str(src)], "is the input image"),
+                          (["--image", str(src), "--damage", str(src), "--out", str(tmp_path / "x.png")], "is the input")):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse: a bad option value
+            code = e.code
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.unknown").exists()
-    assert not list(tmp_path.glob(".*"))
+        assert code == 2 and err.count("\n") == 1 and "error: " in err and problem in err, (argv, err)
+    assert {f: f.read_bytes() for f in tmp_path.iterdir()} == before  # nothing written, nothing changed

@@ -184,7 +184,7 @@ def test_stage1_only_restores_a_real_photo(tmp_path):
     (["--stage1", "realesrnet-x4plus"], 1, "error: realesrnet-x4plus: RealESRNet_x4plus.pth is not here and downloads are off"),
     (["--steps", "4"], 2, "--steps is a SUPIR option"),
     (["--stage1-tile", "0", "--image", "BIG"], 1, "stage 1 needs tiles"),
-    (["--stage1-tile", "-1"], 2, "--stage1-tile and --stage1-tile-pad must be >= 0"),
+    (["--stage1-tile", "-1"], 2, "argument --stage1-tile: -1 must be >= 0"),
 ])
 def test_stage1_bad_input(tmp_path, argv, code, message):
     crop().save(tmp_path / "photo.png")
