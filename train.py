@@ -23,64 +23,64 @@ Only the UNet's LoRA adapters train; the UNet, control model, VAE and text encod
 run writes goes to --out: train_log.csv, loss_curve.png, previews/, checkpoint.pt (--resume continues it
 bit for bit) and, at the end, lora.safetensors in kohya's format. See docs/training.md.
 
-Data set, order, objective and file helpers live in mini_supir/train_utils.py; this file is the run itself.
+This file is the run: options, the step and the loop. The pieces are in mini_supir/: train_data.py (images,
+crops, order), train_utils.py (objective, log files), train_state.py (adapters, checkpoint, LoRA file),
+train_run.py (errors, --out, progress, stopping), train_preview.py; the model comes from pipeline.Restorer.
 A --model naming a stage-1 restorer (mini_supir/stage1.py) is handed to mini_supir/stage1_train.py instead.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import signal
 import sys
 import time
-import warnings
 from contextlib import nullcontext
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
-from mini_supir import degrade, lora, lora_files, presets, repair, stage1_train, supir
-from mini_supir.sampler import Denoiser
-from mini_supir.train_utils import (DEGRADATIONS, MASK_WEIGHT, REPAIR_DEGRADATIONS, Crops, DataError, Order, atomic,
-                                    collate, frobenius, learning_rate, mix, optimizer_step, plot_loss, read_log, rng_state,
-                                    sample_sigmas, scan_folder, set_rng_state, training_loss, write_log)
+from mini_supir import cli, degrade, lora, stage1_train, supir
+from mini_supir.devices import DTYPES, parse_dtype
+from mini_supir.pipeline import Restorer
+from mini_supir.train_data import (DEGRADATIONS, MASK_WEIGHT, MAX_TRAIN_PIXELS, REPAIR_DEGRADATIONS, Crops, Order,
+                                   collate, mix, read_caption, scan_folder)
+from mini_supir.train_model import TARGETS, Captions, encode_batch
+from mini_supir.train_preview import Preview, preview_pair
+from mini_supir.train_run import (Processes, Progress, RunFolder, StopSignal, TrainingError,
+                                  ignore_stop_signals, option_problems, run, start_processes)
+from mini_supir.train_state import (Adapters, ResumeError, check_resume, kohya_metadata, read_checkpoint,
+                                    save_checkpoint, settings, write_lora)
+from mini_supir.train_utils import (frobenius, learning_rate, plot_loss, read_log, rng_state, sample_sigmas,
+                                    set_rng_state, training_loss, write_log)
 
-try:  # previews only; training never needs the restoration pipeline
-    from mini_supir import pipeline
-except ImportError as e:
-    pipeline, PIPELINE_ERROR = None, e
-
-# "conv" adds the ResBlock convolutions (kohya's LoCon): the only adapters at the full latent resolution,
-# where SDXL's UNet has no transformers.
-TARGETS = {"attention": lora.ATTENTION, "transformer": lora.TRANSFORMER,
-           "conv": lora.TRANSFORMER + ("in_layers.2", "out_layers.3", "skip_connection")}
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+MAX_RESOLUTION = int(MAX_TRAIN_PIXELS ** 0.5)  # crops come from images capped at that many pixels
+# Options that shape the adapters: a checkpoint made with other values cannot be resumed. Of the rest, a
+# change is warned about, except for these, which a resume is for.
+FIXED = ("model", "lora_rank", "lora_targets")
+FREE = ("resume", "max_steps", "save_every", "preview_every", "out")
+FRACTION = cli.number(float, 0, 1)  # chances, dropout, EMA decay
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train a restoration LoRA for SUPIR.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="train.py", description="Train a restoration LoRA for SUPIR.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", required=True, type=Path, help="folder of HQ images, optional <name>.txt captions")
-    d.add_argument("--resolution", type=int, default=512, help="square random crop, px (SUPIR: 512)")
+    d.add_argument("--resolution", type=cli.number(int, 1, MAX_RESOLUTION), default=512,
+                   help="square random crop, px (SUPIR: 512)")
     d.add_argument("--task", choices=["restore", "repair"], default="restore",
                    help="restore: degraded photos (SUPIR); repair: synthetic damage, loss weighted to the mask")
     d.add_argument("--degradation", choices=sorted(DEGRADATIONS),
                    help="online degradation (degrade.SETTINGS); restore: sr4-blur2 (default) = the paper's blur 2 "
                         "+ x4, realesrgan, ...; repair: cracks-paint (default), cracks")
-    d.add_argument("--mask-weight", type=float, default=MASK_WEIGHT,
+    d.add_argument("--mask-weight", type=cli.non_negative, default=MASK_WEIGHT,
                    help="repair: loss weight 1 + K * mask (the feathered damage mask)")
-    d.add_argument("--caption-dropout", type=float, default=0.05, help="chance a caption is replaced by ''")
+    d.add_argument("--caption-dropout", type=FRACTION, default=0.05, help="chance a caption is replaced by ''")
     d.add_argument("--default-caption", default="", help="caption of images without a <name>.txt")
-    d.add_argument("--workers", type=int, default=2, help="data loader processes (0: load in the main one)")
+    d.add_argument("--workers", type=cli.number(int, 0), default=2, help="data loader processes (0: load in the main one)")
     d.add_argument("--cache-latents", action="store_true",
                    help="crop, degrade and VAE-encode each image once, up front (fast; no fresh crops/degradations)")
     d.add_argument("--cache-text", action="store_true",
@@ -93,72 +93,88 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(its options: train.py --model realesrgan-x4plus --help)")
     m.add_argument("--sdxl", help="SDXL single file: path, registry name or repo_id/filename; --model sdxl: 'sdxl'")
     m.add_argument("--supir", help="SUPIR file: path, Q, F or repo_id/filename; --model sdxl: 'Q'")
-    m.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+    m.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="frozen weights and autocast (auto: bf16 on CUDA, fp32 elsewhere); LoRA stays fp32")
-    m.add_argument("--device", default="auto", help="auto, cuda, cuda:1 or cpu (torchrun: cuda:LOCAL_RANK)")
+    m.add_argument("--device", type=cli.device, default="auto", help="auto, cuda, cuda:1, mps or cpu (torchrun: cuda:LOCAL_RANK)")
     m.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet blocks in backward")
 
     a = p.add_argument_group("LoRA")
-    a.add_argument("--lora-rank", type=int, default=16)
-    a.add_argument("--lora-alpha", type=float, help="default: the rank (adapter multiplier 1)")
+    a.add_argument("--lora-rank", type=cli.count, default=16)
+    a.add_argument("--lora-alpha", type=cli.positive, help="default: the rank (adapter multiplier 1)")
     a.add_argument("--lora-targets", choices=sorted(TARGETS), default="transformer",
                    help="attention: attn1/attn2 q,k,v,out; transformer: + feed-forward and proj_in/out (kohya); "
                         "conv: + the ResBlock convolutions (LoCon)")
-    a.add_argument("--lora-dropout", type=float, default=0.0)
-    a.add_argument("--frobenius", type=float, default=0.0, help="lambda of the penalty lambda sum(|A|^2 + |B|^2)")
+    a.add_argument("--lora-dropout", type=FRACTION, default=0.0)
+    a.add_argument("--frobenius", type=cli.non_negative, default=0.0, help="lambda of the penalty lambda sum(|A|^2 + |B|^2)")
 
     o = p.add_argument_group("optimisation")
-    o.add_argument("--lr", type=float, default=1e-4)
-    o.add_argument("--min-lr", type=float, default=0.0, help="cosine schedule floor")
-    o.add_argument("--warmup-steps", type=int, default=100)
-    o.add_argument("--weight-decay", type=float, default=1e-2)
-    o.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping")
-    o.add_argument("--batch-size", type=int, default=1, help="per process")
-    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
-    o.add_argument("--max-steps", type=int, default=2000, help="optimiser steps")
+    o.add_argument("--lr", type=cli.positive, default=1e-4)
+    o.add_argument("--min-lr", type=cli.non_negative, default=0.0, help="cosine schedule floor")
+    o.add_argument("--warmup-steps", type=cli.number(int, 0), default=100)
+    o.add_argument("--weight-decay", type=cli.non_negative, default=1e-2)
+    o.add_argument("--max-grad-norm", type=cli.non_negative, default=1.0, help="0: no clipping")
+    o.add_argument("--batch-size", type=cli.count, default=1, help="per process")
+    o.add_argument("--grad-accum", type=cli.count, default=1, help="micro-batches per optimiser step")
+    o.add_argument("--max-steps", type=cli.count, default=2000, help="optimiser steps")
     o.add_argument("--sigma-sampling", choices=["discrete", "edm"], default="discrete",
                    help="discrete: uniform LegacyDDPM index (sgm DiscreteSampling); edm: lognormal")
-    o.add_argument("--timestep-range", type=int, nargs=2, default=(0, 999), metavar=("MIN", "MAX"),
+    o.add_argument("--timestep-range", type=cli.number(int, 0, 999), nargs=2, default=(0, 999), metavar=("MIN", "MAX"),
                    help="discrete sampling: index range, inclusive")
-    o.add_argument("--p-mean", type=float, default=-1.2, help="edm: mean of log sigma")
-    o.add_argument("--p-std", type=float, default=1.2, help="edm: std of log sigma")
-    o.add_argument("--ema", type=float, default=0.0, help="EMA decay of the LoRA weights (e.g. 0.999); 0: off")
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--p-mean", type=cli.finite, default=-1.2, help="edm: mean of log sigma")
+    o.add_argument("--p-std", type=cli.positive, default=1.2, help="edm: std of log sigma")
+    o.add_argument("--ema", type=FRACTION, default=0.0, help="EMA decay of the LoRA weights (e.g. 0.999); 0: off")
+    o.add_argument("--seed", type=cli.seed, default=0)
 
     w = p.add_argument_group("output")
     w.add_argument("--out", type=Path, default=Path("runs/lora"))
-    w.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
-    w.add_argument("--preview-every", type=int, default=0, help="restore the preview image every N steps; 0: off")
+    w.add_argument("--save-every", type=cli.count, default=500, help="checkpoint every N steps (and at the end)")
+    w.add_argument("--preview-every", type=cli.number(int, 0), default=0, help="restore the preview image every N steps; 0: off")
     w.add_argument("--preview-image", type=Path, help="HQ image to degrade and restore (default: first of --data)")
-    w.add_argument("--preview-steps", type=int, default=8, help="sampler steps of a preview")
+    w.add_argument("--preview-steps", type=cli.count, default=8, help="sampler steps of a preview")
     w.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"], default="fp16", help="of lora.safetensors")
     w.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                    help="continue from CHECKPOINT (default: <out>/checkpoint.pt)")
+    return p
+
+
+def parse_args(argv=None):
+    """The options, every value checked (one line, exit 2) before anything is read or loaded."""
+    p = build_parser()
     args = p.parse_args(argv)
     args.lora_alpha = args.lora_rank if args.lora_alpha is None else args.lora_alpha
-    if args.degradation is None:
-        args.degradation = "cracks-paint" if args.task == "repair" else "sr4-blur2"
-    if (args.task == "repair") != (args.degradation in REPAIR_DEGRADATIONS):
-        p.error(f"--task {args.task} does not go with --degradation {args.degradation}: damage settings "
-                f"({', '.join(REPAIR_DEGRADATIONS)}) are for --task repair, the others for --task restore")
-    problems = [f"--{name} must be {what}" for name, ok, what in (
-        ("batch-size", args.batch_size >= 1, ">= 1"), ("grad-accum", args.grad_accum >= 1, ">= 1"),
-        ("max-steps", args.max_steps >= 1, ">= 1"), ("save-every", args.save_every >= 1, ">= 1"),
-        ("lora-rank", args.lora_rank >= 1, ">= 1"), ("ema", 0 <= args.ema < 1, "in [0, 1)"),
-        ("caption-dropout", 0 <= args.caption_dropout <= 1, "in [0, 1]"), ("mask-weight", args.mask_weight >= 0, ">= 0"),
-        ("timestep-range", 0 <= args.timestep_range[0] <= args.timestep_range[1] <= 999, "0 <= MIN <= MAX <= 999"))
-        if not ok]
+    args.degradation = args.degradation or ("cracks-paint" if args.task == "repair" else "sr4-blur2")
+    cfg = supir.PRESETS[args.model]
+    multiple = cfg.vae.downsample_factor * 2 ** (len(cfg.unet.channel_mult) - 1)  # latent must halve per level
+    scale = getattr(degrade.SETTINGS[args.degradation], "scale", 1)
+    problems = option_problems([
+        ("degradation", (args.task == "repair") == (args.degradation in REPAIR_DEGRADATIONS),
+         f"one of {', '.join(REPAIR_DEGRADATIONS)} for --task repair, and none of them for --task restore"),
+        ("resolution", args.resolution % multiple == 0 and args.resolution % scale == 0,
+         f"a multiple of {multiple} (--model {args.model}) and of the degradation's scale {scale}"),
+        ("min-lr", args.min_lr <= args.lr, "at most --lr"),
+        ("lora-dropout", args.lora_dropout < 1, "below 1"), ("ema", args.ema < 1, "below 1"),
+        ("timestep-range", args.timestep_range[0] <= args.timestep_range[1], "MIN MAX with MIN <= MAX"),
+        ("preview-image", args.preview_image is None or args.preview_every > 0, "given with --preview-every N"),
+        ("out", args.out.resolve() != args.data.resolve(), "another folder than --data (its PNGs would be trained on)"),
+        ("sdxl", args.model == "sdxl" or (args.sdxl is None) == (args.supir is None),
+         "given with --supir for --model tiny / medium (or neither: seeded random weights)")])
     if problems:
         p.error("; ".join(problems))
     return args
 
 
-def gather(obj, world: int) -> list:
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
+# ----------------------------------------------------------------------------------------------------------
+# Set-up
+
+
+def read_resume(args, world: int) -> dict:
+    """The checkpoint to resume, checked against this run's options before anything heavy is loaded."""
+    path = Path(args.resume) if args.resume else args.out / "checkpoint.pt"
+    state = read_checkpoint(path)
+    if state.get("world", 1) != world:
+        raise ResumeError(f"{path} was written by {state.get('world', 1)} processes, this run has {world}")
+    check_resume(path, state["settings"], settings(args), FIXED, FREE)
+    return {**state, "path": str(path)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -166,272 +182,66 @@ def gather(obj, world: int) -> list:
 
 
 class Trainer:
-    """The frozen SUPIR model with a trainable UNet LoRA, its optimiser, data stream and run directory."""
+    """One run: SUPIR's loss on micro-batches, the optimiser step over every process, the loop and its files."""
 
-    def __init__(self, args):
-        self.args = args
-        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        self.device = self.pick_device()
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        if self.world > 1:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.main = self.rank == 0
-        self.dtype = DTYPES[args.dtype] if args.dtype != "auto" else \
-            torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        self.out = args.out
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-
-        files, captions = scan_folder(args.data, args.default_caption, warn=self.main)
-        degradation = DEGRADATIONS[args.degradation]
-        if args.task == "repair":
-            degradation = partial(degradation, mask_weight=args.mask_weight)
-        self.check_resolution()
-        self.data = Crops(files, captions, args.resolution, degradation, args.caption_dropout)
-        self.order = Order(len(files), args.seed, self.rank, self.world)
-
-        self.model = self.build_model()
-        self.vae = self.model.first_stage_model
-        self.preview = self.preview_setup() if args.preview_every > 0 and self.main else None
-        self.text_cache = self.setup_text(captions)
+    def __init__(self, args, procs: Processes, restorer: Restorer, data: Crops, order: Order, captions: Captions,
+                 preview: Preview | None):
+        self.args, self.procs, self.data, self.order, self.captions, self.preview = args, procs, data, order, captions, preview
+        self.model, self.vae, self.denoiser = restorer.model, restorer.vae, restorer.denoiser
+        self.device, self.dtype = procs.device, restorer.dtype
         torch.manual_seed(args.seed)  # the same initial A on every rank
         lora.inject_lora(self.model.model.diffusion_model, "default", args.lora_rank, args.lora_alpha,
                          TARGETS[args.lora_targets], args.lora_dropout, dtype=torch.float32)
-        self.params = lora.lora_parameters(self.model)
-        for p in self.params:
-            p.requires_grad_(True)
+        self.adapters = Adapters(self.model, args.lr, args.weight_decay, args.ema)
         self.model.model.gradient_checkpointing = args.gradient_checkpointing
-        self.denoiser = Denoiser(self.model.model)
-        self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
-        self.ema = [p.detach().clone() for p in self.params] if args.ema > 0 else None
-        self.latent_cache = self.cache_latents() if args.cache_latents else None
-
-        torch.manual_seed(mix(args.seed, 4, self.rank))  # LoRA dropout differs per rank
-        self.noise = torch.Generator().manual_seed(mix(args.seed, 5, self.rank))  # posterior, sigma, noise draws
+        self.latents = self.cache_latents() if args.cache_latents else None
+        torch.manual_seed(mix(args.seed, 4, procs.rank))  # LoRA dropout differs per rank
+        self.noise = torch.Generator().manual_seed(mix(args.seed, 5, procs.rank))  # posterior, sigma, noise draws
         self.step, self.position, self.log = 0, 0, []
-        if args.resume is not None:
-            self.load_checkpoint(Path(args.resume) if args.resume else self.out / "checkpoint.pt")
-        self.stop = False
 
-    # -- setup -------------------------------------------------------------------------------------------
-
-    def pick_device(self) -> torch.device:
-        if self.args.device != "auto":
-            return torch.device(self.args.device)
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if self.world > 1 else "cuda")
-
-    def check_resolution(self):
-        cfg = supir.PRESETS[self.args.model]
-        multiple = cfg.vae.downsample_factor * 2 ** (len(cfg.unet.channel_mult) - 1)  # latent must halve per level
-        scale = getattr(degrade.SETTINGS.get(self.args.degradation), "scale", 1)
-        if self.args.resolution % multiple or self.args.resolution % scale:
-            raise SystemExit(f"error: --resolution must be a multiple of {multiple} and of the degradation's scale {scale}")
-
-    def build_model(self) -> supir.SUPIR:
-        a = self.args
-        cfg = supir.PRESETS[a.model]
-        if a.model != "sdxl" and a.sdxl is None and a.supir is None:
-            # the seeded random model of `sample.py --model tiny` (pipeline.Restorer.random): built on the
-            # CPU, so every rank and device starts from the same weights
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                model = supir.build(cfg, "cpu")
-        elif a.model != "sdxl" and (a.sdxl is None or a.supir is None):
-            raise SystemExit("error: --model tiny / medium with weight files needs both --sdxl and --supir")
-        else:  # cast while reading: host RAM holds one copy at the training precision
-            model = supir.load(cfg, a.sdxl or "sdxl", a.supir or "Q",
-                               {p: self.dtype for p in ("model.", "conditioner.", "first_stage_model.")})
-        return model.to(self.device, self.dtype).eval().requires_grad_(False)
-
-    def setup_text(self, captions: list[str]) -> dict | None:
-        """Text encoders on the device for the run, or (--cache-text) every caption encoded once and the
-        encoders dropped."""
-        conditioner = self.model.conditioner.to(self.device)
-        if not self.args.cache_text:
-            return None
-        texts = sorted(set(captions) | {""})
-        cache = {}
-        for i in range(0, len(texts), 16):
-            out = conditioner.encode(texts[i:i + 16])
-            cache.update({t: {k: v[j:j + 1] for k, v in out.items()} for j, t in enumerate(texts[i:i + 16])})
-        if self.preview is not None:  # the preview prompts are cached in its restorer
-            self.preview["restorer"].free_text_encoders()
-        self.model.conditioner = None  # 0.8 B parameters for SDXL
-        return cache
-
-    @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> dict:
-        if self.text_cache is not None:
-            return {k: torch.cat([self.text_cache[c][k] for c in captions]) for k in ("crossattn", "vector")}
-        return self.model.conditioner.encode(captions)
-
-    @torch.no_grad()
-    def encode_images(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x0 = HQ posterior sample, _z = denoise-encoder mode of the LQ, weight pooled to the latent grid)."""
-        hq, lq = (batch[k].to(self.device) * 2 - 1 for k in ("hq", "lq"))
-        x0 = self.vae.encode(hq, sample=True, generator=generator).float()
-        z_lq = self.vae.encode(lq, denoise=True).float()
-        weight = F.adaptive_avg_pool2d(batch["weight"].to(self.device).float(), x0.shape[-2:])
-        return x0, z_lq, weight
+    def resume(self, state: dict) -> None:
+        self.adapters.load_state_dict(state, state["path"])
+        set_rng_state(state["rng"][self.procs.rank], self.noise)
+        self.step, self.position = state["step"], state["position"]
+        if self.procs.main:  # rows logged after the checkpoint by the interrupted run are redone
+            self.log = read_log(self.args.out / "train_log.csv", upto=self.step)
+            write_log(self.args.out / "train_log.csv", self.log)
 
     def cache_latents(self) -> dict[int, tuple[torch.Tensor, ...]]:
         """One crop + degradation + encoding per image (seed fixed per image), one image at a time so the
         numbers do not depend on batching; kept on the device."""
         cache = {}
-        for index in tqdm(range(len(self.data)), desc="caching latents", disable=not self.main or None):
+        for index in tqdm(range(len(self.data)), desc="caching latents", disable=not self.procs.main or None):
             seed = mix(self.args.seed, 2, index)
-            item = collate([self.data[index, seed]])
-            cache[index] = self.encode_images(item, torch.Generator().manual_seed(seed))
+            cache[index] = encode_batch(self.vae, collate([self.data[index, seed]]), self.device,
+                                         torch.Generator().manual_seed(seed))
         return cache
-
-    def preview_setup(self) -> dict | None:
-        """The fixed validation pair (centre crop of the image, degraded with seed --seed), its prompts
-        encoded, and a restorer over the training model (made before the LoRA is injected: it casts the
-        model to one dtype, which must not touch the float32 adapters)."""
-        if pipeline is None:
-            warnings.warn(f"previews off: the restoration pipeline does not import ({PIPELINE_ERROR})")
-            return None
-        path = self.args.preview_image or self.data.files[0]
-        img = degrade.load_image(path)
-        r = self.args.resolution
-        if min(img.shape[-2:]) < r:
-            s = r / min(img.shape[-2:])
-            img = degrade.resize(img, (max(r, round(img.shape[-2] * s)), max(r, round(img.shape[-1] * s)))).clamp(0, 1)
-        top, left = (img.shape[-2] - r) // 2, (img.shape[-1] - r) // 2
-        hq = img[..., top:top + r, left:left + r]
-        generator = torch.Generator().manual_seed(self.args.seed)
-        mask = None
-        if self.args.task == "repair":  # the damaged crop and its known mask, repaired as sample.py --mask does
-            lq, hole = degrade.damage(hq, self.args.degradation, generator=generator)
-            mask = repair.soft_mask(hole[0, 0])
-        else:
-            lq, _ = DEGRADATIONS[self.args.degradation](hq, generator)
-        caption = path.with_suffix(".txt").read_text().strip() if path.with_suffix(".txt").exists() else self.args.default_caption
-        # the LQ is given at the HQ size, as in training; SUPIR's Quality settings with few steps
-        settings = replace(presets.QUALITY, steps=self.args.preview_steps, min_size=0, prompt=caption)
-        restorer = pipeline.Restorer(self.model, self.device, self.dtype, self.dtype)
-        restorer.encode_prompts([settings.positive_text, settings.negative])
-        to_pil = lambda x: Image.fromarray(degrade.to_uint8(x)[0])  # noqa: E731
-        (self.out / "previews").mkdir(exist_ok=True)
-        return {"hq": to_pil(hq), "lq": to_pil(lq), "mask": mask, "settings": settings, "restorer": restorer}
-
-    # -- checkpoints ---------------------------------------------------------------------------------------
-
-    def save_checkpoint(self):
-        rng = gather(rng_state(self.noise), self.world)  # every rank's generators, for an exact resume
-        if not self.main:
-            return
-        state = {"step": self.step, "position": self.position, "world": self.world,
-                 "lora": [p.detach().cpu() for p in self.params], "optimizer": self.optimizer.state_dict(),
-                 "ema": None if self.ema is None else [e.cpu() for e in self.ema], "rng": rng,
-                 "settings": self.settings()}
-        atomic(self.out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
-
-    def load_checkpoint(self, path: Path):
-        if not path.exists():
-            raise SystemExit(f"error: no checkpoint to resume at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["world"] != self.world:
-            raise SystemExit(f"error: {path} was written by {state['world']} processes, this run has {self.world}")
-        changed = {k: (v, self.settings()[k]) for k, v in state["settings"].items()
-                   if k not in ("resume", "max_steps", "save_every", "preview_every", "out") and self.settings().get(k) != v}
-        if changed and self.main:
-            warnings.warn(f"resuming with changed settings (old, new): {changed}")
-        with torch.no_grad():
-            for p, v in zip(self.params, state["lora"], strict=True):
-                p.copy_(v)
-            if self.ema is not None and state["ema"] is not None:
-                for e, v in zip(self.ema, state["ema"], strict=True):
-                    e.copy_(v)
-        self.optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"][self.rank], self.noise)
-        self.step, self.position = state["step"], state["position"]
-        if self.main:  # rows logged after the checkpoint by the interrupted run are redone
-            self.log = read_log(self.out / "train_log.csv", upto=self.step)
-            write_log(self.out / "train_log.csv", self.log)
-
-    def settings(self) -> dict:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items()}
-
-    def swap_ema(self):
-        """Exchange the live LoRA weights with the EMA ones (twice restores)."""
-        if self.ema is not None:
-            with torch.no_grad():
-                for p, e in zip(self.params, self.ema):
-                    tmp = p.detach().clone()
-                    p.copy_(e)
-                    e.copy_(tmp)
-
-    def save_lora(self):
-        a = self.args
-        meta = {"ss_learning_rate": str(a.lr), "ss_max_train_steps": str(a.max_steps), "ss_steps": str(self.step),
-                "ss_num_train_images": str(len(self.data)), "ss_resolution": f"({a.resolution}, {a.resolution})",
-                "ss_batch_size_per_device": str(a.batch_size), "ss_gradient_accumulation_steps": str(a.grad_accum),
-                "ss_seed": str(a.seed), "ss_training_comment": f"mini_supir train.py, {a.task} ({a.degradation})",
-                "mini_supir.training": json.dumps({**self.settings(), "world_size": self.world, "steps_done": self.step,
-                                                   "ema_weights": self.ema is not None})}
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.save_precision]
-        self.swap_ema()
-        atomic(self.out / "lora.safetensors", lambda tmp: lora_files.save_lora(self.model, tmp, "default", meta, dtype))
-        self.swap_ema()
-
-    @torch.no_grad()
-    def write_preview(self):
-        self.swap_ema()
-        self.model.eval()
-        try:
-            p = self.preview
-            restored = p["restorer"].restore(p["lq"], p["settings"], seed=self.args.seed, mask=p["mask"])
-        finally:
-            self.model.train()
-            self.swap_ema()
-        panel = Image.new("RGB", (3 * restored.width, restored.height))
-        for i, im in enumerate((self.preview["lq"], restored, self.preview["hq"])):
-            panel.paste(im.resize(restored.size), (i * restored.width, 0))
-        atomic(self.out / "previews" / f"step_{self.step:06d}.png", lambda tmp: panel.save(tmp, format="PNG"))
-
-    # -- the loop --------------------------------------------------------------------------------------------
 
     def micro_batches(self):
         keys = self.order.batches(self.position, self.args.batch_size)
-        if self.latent_cache is not None:
-            for batch in keys:
-                items = [self.data.captions[i] for i, _ in batch]
-                drop = [torch.rand((), generator=torch.Generator().manual_seed(s)).item() < self.args.caption_dropout
-                        for _, s in batch]
-                x0, z, w = (torch.cat(t) for t in zip(*(self.latent_cache[i] for i, _ in batch)))
-                yield {"latents": (x0, z, w), "caption": ["" if d else c for d, c in zip(drop, items)]}
+        if self.latents is None:
+            yield from torch.utils.data.DataLoader(self.data, batch_sampler=keys, num_workers=self.args.workers,
+                                                   collate_fn=collate, worker_init_fn=ignore_stop_signals)
             return
-        yield from torch.utils.data.DataLoader(self.data, batch_sampler=keys, num_workers=self.args.workers,
-                                               collate_fn=collate)
+        for batch in keys:
+            drop = [torch.rand((), generator=torch.Generator().manual_seed(s)).item() < self.args.caption_dropout
+                    for _, s in batch]
+            x0, z, w = (torch.cat(t) for t in zip(*(self.latents[i] for i, _ in batch)))
+            yield {"latents": (x0, z, w), "caption": ["" if d else self.data.captions[i] for d, (i, _) in zip(drop, batch)]}
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Mean training loss of one micro-batch (all draws from the run's noise generator, on the CPU)."""
-        if "latents" in batch:
-            x0, z_lq, weight = batch["latents"]
-        else:
-            x0, z_lq, weight = self.encode_images(batch, self.noise)
-        cond = {**self.encode_text(batch["caption"]), "control": z_lq}
-        sigmas = sample_sigmas(x0.shape[0], self.args, self.noise).to(self.device)
+        x0, z_lq, weight = batch["latents"] if "latents" in batch else encode_batch(self.vae, batch, self.device, self.noise)
+        cond = {**self.captions.encode(batch["caption"]), "control": z_lq}
+        a = self.args
+        sigmas = sample_sigmas(x0.shape[0], self.noise, a.sigma_sampling, a.timestep_range, a.p_mean, a.p_std)
         noise = torch.randn(x0.shape, generator=self.noise).to(self.device)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.dtype == torch.bfloat16 else nullcontext()
         with autocast:
-            return training_loss(self.denoiser, x0, cond, sigmas, noise, weight).mean()
-
-    def all_mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(t)
-            t /= self.world
-        return t
+            return training_loss(self.denoiser, x0, cond, sigmas.to(self.device), noise, weight).mean()
 
     def train_step(self, batches) -> dict:
-        a = self.args
-        lr = learning_rate(self.step, a)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        a, params = self.args, self.adapters.params
         total = torch.zeros((), device=self.device)
         for _ in range(a.grad_accum):
             loss = self.forward(next(batches))
@@ -440,87 +250,110 @@ class Trainer:
             total += loss.detach() / a.grad_accum
         penalty = torch.zeros(())
         if a.frobenius > 0:
-            penalty = a.frobenius * frobenius(self.params)
+            penalty = a.frobenius * frobenius(params)
             penalty.backward()
-        if self.world > 1:
+        if self.procs.world > 1:
             # Only the LoRA gradients (a few MB) need averaging: one all-reduce of them all, no DDP wrapper
             # (which would also broadcast the frozen 3.8 B weights and hook every one of them).
-            flat = self.all_mean(torch.cat([p.grad.flatten() for p in self.params]))
-            for p, g in zip(self.params, flat.split([p.numel() for p in self.params])):
+            flat = self.procs.mean(torch.cat([p.grad.flatten() for p in params]))
+            for p, g in zip(params, flat.split([p.numel() for p in params])):
                 p.grad.copy_(g.view_as(p))
-        norm = optimizer_step(self.params, self.optimizer, self.ema, a.max_grad_norm, a.ema)
+        lr = learning_rate(self.step, a.lr, a.max_steps, a.warmup_steps, a.min_lr)
+        norm = self.adapters.step(lr, a.max_grad_norm)
         self.step += 1
-        return {"loss": self.all_mean(total).item(), "penalty": penalty.item(), "lr": lr, "grad_norm": norm.item()}
+        return {"loss": self.procs.mean(total).item(), "penalty": penalty.item(), "lr": lr, "grad_norm": norm.item()}
 
-    def request_stop(self, signum, frame):
-        self.stop = True  # finish the step, save, exit; a second signal kills as usual
-        signal.signal(signum, signal.SIG_DFL)
-
-    def run(self) -> int:
-        previous = {sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            return self.loop()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def loop(self) -> int:
-        a = self.args
+    def train(self) -> int:
+        """The loop from the current step to --max-steps: 0 when done, 130 when stopped by a signal (after
+        saving a checkpoint)."""
+        a, main = self.args, self.procs.main
         self.model.train()
         if self.preview is not None and self.step == 0:
-            self.write_preview()
-        batches = self.micro_batches()
-        t0 = time.time()
-        bar = tqdm(total=a.max_steps, initial=self.step, desc="train", unit="step", disable=not self.main or None,
-                   dynamic_ncols=True)
-        while self.step < a.max_steps:
-            info = self.train_step(batches)
-            bar.update(1)
-            bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}")
-            if self.main:
-                self.log.append({"step": self.step, "epoch": self.order[self.position - 1][2],
-                                 **{k: f"{v:.6g}" for k, v in info.items()}, "seconds": f"{time.time() - t0:.2f}"})
-            if not math.isfinite(info["loss"]):
-                raise SystemExit(f"error: loss is {info['loss']} at step {self.step}")
-            stop = torch.tensor(float(self.stop), device=self.device)
-            if self.world > 1:
-                dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # one rank interrupted: all save and stop together
-            last = self.step == a.max_steps or stop.item() > 0
-            if self.step % a.save_every == 0 or last:
-                self.write_outputs()
-            if self.preview is not None and (self.step % a.preview_every == 0 or last):
-                self.write_preview()
-            if stop.item() > 0:
-                bar.close()
-                print(f"stopped at step {self.step}: checkpoint saved, continue with --resume", file=sys.stderr)
-                return 130
-        bar.close()
-        if self.main:
-            self.save_lora()
+            self.preview.write(0, self.adapters)
+        batches, t0 = self.micro_batches(), time.time()
+        progress = Progress(a.max_steps, self.step, enabled=main)
+        with StopSignal() as stop:
+            while self.step < a.max_steps:
+                info = self.train_step(batches)
+                progress.update(self.step, info["loss"], info["lr"])
+                if main:
+                    self.log.append({"step": self.step, "epoch": self.order[self.position - 1][2],
+                                     **{k: f"{v:.6g}" for k, v in info.items()}, "seconds": f"{time.time() - t0:.2f}"})
+                if not math.isfinite(info["loss"]):
+                    raise TrainingError(f"the loss is {info['loss']} at step {self.step} (try a lower --lr)")
+                stopping = self.procs.any(stop.requested)
+                last = self.step == a.max_steps or stopping
+                if self.step % a.save_every == 0 or last:
+                    self.write_outputs()
+                if self.preview is not None and (self.step % a.preview_every == 0 or last):
+                    self.preview.write(self.step, self.adapters)
+                if stopping:
+                    progress.close()
+                    print(f"stopped at step {self.step}: checkpoint saved, continue with --resume", file=sys.stderr)
+                    return 130
+        progress.close()
+        if main:
+            meta = kohya_metadata(a, self.step, len(self.data), f"mini_supir train.py, {a.task} ({a.degradation})",
+                                  world_size=self.procs.world, ema_weights=self.adapters.ema is not None)
+            write_lora(a.out / "lora.safetensors", self.model, self.adapters, meta, DTYPES[a.save_precision])
         return 0
 
-    def write_outputs(self):
-        self.save_checkpoint()
-        if self.main:
-            write_log(self.out / "train_log.csv", self.log)
-            plot_loss(self.out / "loss_curve.png", [int(r["step"]) for r in self.log], [float(r["loss"]) for r in self.log])
+    def write_outputs(self) -> None:
+        rng = self.procs.gather(rng_state(self.noise))  # every rank's generators, for an exact resume
+        if not self.procs.main:
+            return
+        out = self.args.out
+        save_checkpoint(out / "checkpoint.pt", {"step": self.step, "position": self.position, "world": self.procs.world,
+                                                **self.adapters.state_dict(), "rng": rng, "settings": settings(self.args)})
+        write_log(out / "train_log.csv", self.log)
+        plot_loss(out / "loss_curve.png", [int(r["step"]) for r in self.log], [float(r["loss"]) for r in self.log])
+
+
+def train(args, procs: Processes) -> int:
+    """Everything that can be refused is checked before the model loads: data, preview image, --out, the
+    checkpoint to resume; then the weights (every missing file named at once)."""
+    files, captions, sizes = scan_folder(args.data, args.default_caption, warn=procs.main)
+    degradation = DEGRADATIONS[args.degradation]
+    if args.task == "repair":
+        degradation = partial(degradation, mask_weight=args.mask_weight)
+    data = Crops(files, captions, args.resolution, degradation, args.caption_dropout, sizes=sizes)
+    order = Order(len(files), args.seed, procs.rank, procs.world)
+    pair = None
+    if args.preview_every > 0 and procs.main:
+        path = args.preview_image or files[0]
+        pair = preview_pair(path, read_caption(path, args.default_caption), args.resolution, args.degradation, args.seed)
+    state = read_resume(args, procs.world) if args.resume is not None else None
+    folder = RunFolder(args.out, args.resume is not None) if procs.main else None
+    try:
+        default = torch.bfloat16 if procs.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        dtype = parse_dtype(args.dtype, default)  # cast while reading: host RAM holds one copy at this precision
+        restorer = Restorer.load(args.model, sdxl=args.sdxl, supir_file=args.supir, device=procs.device, dtype=dtype,
+                                 vae_dtype=dtype)[0]
+        preview = Preview(pair, restorer, args.preview_steps, args.seed, args.out / "previews") if pair else None
+        trainer = Trainer(args, procs, restorer, data, order, Captions(restorer, captions, procs.device, args.cache_text),
+                          preview)
+        if state is not None:
+            trainer.resume(state)
+        return trainer.train()
+    finally:
+        if folder is not None:
+            folder.close()
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if stage1_train.wants(argv):  # a stage-1 restorer: its own, much smaller trainer and options
         return stage1_train.main(argv)
-    args = parse_args(argv)
-    try:
-        trainer = Trainer(args)
-    except DataError as e:
-        print(f"error: --data: {e}", file=sys.stderr)
-        return 2
-    try:
-        return trainer.run()
-    finally:
-        if trainer.world > 1:
-            dist.destroy_process_group()
+
+    def start() -> int:
+        args = parse_args(argv)
+        procs = start_processes(args.device)
+        try:
+            return train(args, procs)
+        finally:
+            if procs.world > 1:
+                dist.destroy_process_group()
+    return run(start)
 
 
 if __name__ == "__main__":

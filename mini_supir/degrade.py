@@ -31,9 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import load_tensor as load_image  # noqa: F401 — the GT / LQ file reader of train.py, evaluate.py
 from .images import quantize, to_uint8
-from .images import save_tensor as save_image  # noqa: F401 — and their writer
 from .mask_synth import synthesize_damage
 
 # --------------------------------------------------------------------------------------------------

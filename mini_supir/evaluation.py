@@ -68,7 +68,7 @@ class Task:
     def load(self, path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(GT centre-cropped to gt_crop and to a multiple of the scale, its LQ, the damage mask (1, 1, H, W)
         bool of a damage setting or None). Raises images.ImageError for a file we do not decode."""
-        gt = degrade.load_image(path)
+        gt = images.load_tensor(path)
         if self.gt_crop:
             h, w = gt.shape[-2:]
             ch, cw = min(h, self.gt_crop), min(w, self.gt_crop)

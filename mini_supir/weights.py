@@ -81,9 +81,9 @@ def offline() -> bool:
     return any(os.environ.get(v, "") not in ("", "0") for v in ("MINI_SUPIR_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def resolve(spec: str | os.PathLike) -> Path:
+def resolve(spec: str | os.PathLike, download: bool = True) -> Path:
     """A local path, a registry name (`sdxl`, `Q`, `F`, …) or `repo_id/filename` on the Hugging Face hub
-    (downloaded into weights/hub unless MINI_SUPIR_OFFLINE / HF_HUB_OFFLINE is set)."""
+    (downloaded into weights/hub unless `download` is off or MINI_SUPIR_OFFLINE / HF_HUB_OFFLINE is set)."""
     local = find_local(spec)
     if local is not None:
         return local
@@ -91,13 +91,19 @@ def resolve(spec: str | os.PathLike) -> Path:
     if hub is None:
         raise CheckpointError(f"no such file: {spec} (give a local path, a registry name {sorted(REGISTRY)} or repo_id/filename)")
     hint = f"download {hub.filename} from huggingface.co/{hub.repo_id} and put it at {WEIGHTS_DIR / hub.filename}"
-    if offline():
-        raise CheckpointError(f"not here and downloads are off: {hint}")
+    if offline() or not download:
+        raise CheckpointError(f"not here{' and downloads are off' if download else ''}: {hint}")
+    import logging
     from huggingface_hub import hf_hub_download
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # offline, its retries log a line each; the error below says it all
     try:
         return Path(hf_hub_download(hub.repo_id, hub.filename, cache_dir=WEIGHTS_DIR / "hub"))
     except Exception as e:  # offline, gated, typo: one message that says what to fetch and where to put it
         raise CheckpointError(f"could not download it ({type(e).__name__}): {hint}, or pass its path") from None
+    finally:
+        hub_log.setLevel(level)
 
 
 def resolve_all(specs: list[str | os.PathLike]) -> dict[str, Path]:
@@ -115,10 +121,15 @@ def resolve_all(specs: list[str | os.PathLike]) -> dict[str, Path]:
             except CheckpointError as e:
                 problems.append(str(e))
         raise WeightsError(", ".join(missing), "; ".join(problems))
-    try:
-        return {s: p if p is not None else resolve(s) for s, p in found.items()}
-    except CheckpointError as e:
-        raise WeightsError(next(s for s, p in found.items() if p is None), str(e)) from None
+    paths, failed = {}, {}
+    for s, p in found.items():
+        try:  # after a failed download (no network?) the other missing files are named without trying
+            paths[s] = p if p is not None else resolve(s, download=not failed)
+        except CheckpointError as e:
+            failed[s] = str(e)
+    if failed:
+        raise WeightsError(", ".join(failed), "; ".join(failed.values()))
+    return paths
 
 
 def read_state_dict(path: str | os.PathLike, dtype: torch.dtype | dict[str, torch.dtype] | None = None,

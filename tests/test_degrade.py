@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mini_supir.degrade import (SETTINGS, add_gaussian_noise, add_poisson_noise, blur_kernel, degrade, jpeg,
-                                load_image, modcrop, sinc_kernel, upsample)
+from mini_supir.degrade import (SETTINGS, add_gaussian_noise, add_poisson_noise, blur_kernel, degrade, jpeg, modcrop,
+                                sinc_kernel, upsample)
+from mini_supir.images import load_tensor as load_image
 from mini_supir.degrade_cli import main
 from mini_supir.metrics import psnr, ssim
 

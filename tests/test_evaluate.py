@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
 from mini_supir import charts, eval_methods  # noqa: E402
-from mini_supir.degrade import damage, degrade, image_seed, load_image, modcrop, quantize, upsample  # noqa: E402
+from mini_supir.degrade import damage, degrade, image_seed, modcrop, quantize, upsample  # noqa: E402
+from mini_supir.images import load_tensor as load_image  # noqa: E402
 from mini_supir.metrics import psnr, ssim  # noqa: E402
 
 IMAGES = ROOT.parent / "shared" / "images"

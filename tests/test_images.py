@@ -43,14 +43,14 @@ def test_size_is_refused_from_the_header(tmp_path):
 
 
 def test_every_tool_reads_16_bit_grey(tmp_path):
-    """One loader (images.open_image) for all: degrade.load_image (train.py, evaluate.py, the degrade CLI),
-    images.load_tensor (the mask CLI) and painted 16-bit masks: a ramp, not pure white."""
+    """One loader (images.open_image) for all: images.load_tensor (train.py, evaluate.py, the mask and
+    degrade CLIs) and painted 16-bit masks: a ramp, not pure white."""
     import numpy as np
-    from mini_supir import degrade, mask
+    from mini_supir import mask
     ramp = (np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 21)
     Image.fromarray(ramp).save(tmp_path / "g16.png")
     expected = np.round(ramp / 257) / 255
-    for x in (degrade.load_image(tmp_path / "g16.png")[0], images.load_tensor(tmp_path / "g16.png")[0]):
+    for x in (images.load_tensor(tmp_path / "g16.png")[0],):
         assert x.shape == (3, 48, 64)
         assert np.abs(x[1].numpy() - expected).max() < 1e-6
     painted = np.zeros((48, 64), np.uint16)

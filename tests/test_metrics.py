@@ -8,7 +8,8 @@ from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from mini_supir import metrics
-from mini_supir.degrade import degrade, load_image
+from mini_supir.degrade import degrade
+from mini_supir.images import load_tensor as load_image
 from mini_supir.metrics import LPIPS, psnr, rgb_to_y, ssim
 
 PHOTOS = sorted((Path(__file__).resolve().parents[2] / "shared" / "images").glob("*.[pj][np]g"))

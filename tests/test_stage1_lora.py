@@ -92,6 +92,7 @@ def test_resume_repeats_the_run_bit_for_bit_and_the_file_merges(tmp_path):
     common = ["--data", str(data), "--ema", "0.9", "--save-every", "2", "--save-precision", "fp32"]
     assert train.main(args_for(tmp_path / "a", "--max-steps", "4", *common, "--val-data", val, "--val-every", "4")) == 0
     assert train.main(args_for(tmp_path / "b", "--max-steps", "2", *common)) == 0
+    assert train.main(args_for(tmp_path / "b", "--max-steps", "4", *common, "--resume", "--lora-targets", "dense")) == 2
     assert train.main(args_for(tmp_path / "b", "--max-steps", "4", *common, "--resume")) == 0
     assert len(losses(tmp_path / "a")) == 4 and losses(tmp_path / "a") == losses(tmp_path / "b")
     with open(tmp_path / "a" / "val_log.csv") as f:
@@ -171,7 +172,7 @@ def _unet_with_lora():
     return model
 
 
-@pytest.mark.parametrize("extra, message", [(["--lora-rank", "0"], "--lora-rank must be >= 1"),
+@pytest.mark.parametrize("extra, message", [(["--lora-rank", "0"], "argument --lora-rank: 0 must be >= 1"),
                                             (["--resolution", "30"], "--resolution must be a multiple"),
                                             (["--degradation", "jpeg30"], "invalid choice: 'jpeg30'")])
 def test_bad_options_exit_2(tmp_path, extra, message):

@@ -4,7 +4,6 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,8 @@ from safetensors import safe_open
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from mini_supir import lora_files, supir  # noqa: E402
-from mini_supir.train_utils import Order  # noqa: E402
+from mini_supir import images, lora_files, supir  # noqa: E402
+from mini_supir.train_data import Order  # noqa: E402
 
 IMAGES = ROOT.parent / "shared" / "images"
 PHOTOS = sorted(p for p in IMAGES.glob("*") if p.suffix in (".png", ".jpg"))
@@ -84,21 +83,22 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     assert ckpt["step"] == 4 and ckpt["position"] == 4 * 2 * 2
 
 
-def test_bad_images_are_skipped_with_a_warning(tmp_path):
+def test_bad_images_are_skipped_with_a_warning(tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     for p in PHOTOS[:2]:
         shutil.copy(p, data / p.name)
     (data / "broken.png").write_bytes(b"not a png at all")
+    from test_pipeline import png_header
+    png_header(data / "bomb.png", 30000, 30000)  # refused from its header, never decoded
     # a JPEG cut short passes the cheap scan (its header is fine) and fails when decoded
     (data / "cut.jpg").write_bytes((IMAGES / "rocket.jpg").read_bytes()[:3000])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert train.main(small_args(tmp_path / "run", "--batch-size", 3, "--max-steps", 2, "--preview-every", 2,
-                                     "--preview-steps", 2, data=data)) == 0
-    messages = [str(w.message) for w in caught]
-    assert any(m.startswith("skipping broken.png") for m in messages), messages
-    assert any(m.startswith("skipping unreadable cut.jpg") for m in messages), messages
+    assert train.main(small_args(tmp_path / "run", "--batch-size", 3, "--max-steps", 2, "--preview-every", 2,
+                                 "--preview-steps", 2, data=data)) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert "warning: skipping bomb.png: 30000x30000 is 900 MP, more than the 537 MP this tool decodes" in warned
+    assert "warning: skipping broken.png: not an image (no format PIL reads)" in warned
+    assert any(m.startswith("warning: skipping unreadable cut.jpg: cannot decode") for m in warned), warned
     assert len(losses(tmp_path / "run")) == 2
     # previews restore the first readable image with the current LoRA: before training and at step 2
     assert sorted(p.name for p in (tmp_path / "run" / "previews").iterdir()) == ["step_000000.png", "step_000002.png"]
@@ -148,13 +148,13 @@ def test_trains_from_weight_files(tmp_path):
 
 def test_repair_task_trains_with_the_loss_weighted_to_the_mask(tmp_path):
     from mini_supir import degrade, repair
-    from mini_supir.train_utils import DEGRADATIONS
-    hq = degrade.load_image(IMAGES / "coffee.png")[..., :128, :128]
+    from mini_supir.train_data import DEGRADATIONS
+    hq = images.load_tensor(IMAGES / "coffee.png")[..., :128, :128]
     lq, weight = DEGRADATIONS["cracks-paint"](hq, torch.Generator().manual_seed(0))
     damaged, hole = degrade.damage(hq, "cracks-paint", generator=torch.Generator().manual_seed(0))
     soft = repair.soft_mask(hole[0, 0])
     assert hole.float().mean() > 0.01
-    torch.testing.assert_close(weight, 1 + 9 * soft[None, None])  # train_utils.MASK_WEIGHT = 9
+    torch.testing.assert_close(weight, 1 + 9 * soft[None, None])  # train_data.MASK_WEIGHT = 9
     filled = (soft >= repair.HOLE).expand_as(lq[0])
     assert torch.equal(lq[0][~filled], damaged[0][~filled])  # the LQ is the damaged crop, prefilled as in repair
     assert (lq[0][filled] - damaged[0][filled]).abs().mean() > 0.05
