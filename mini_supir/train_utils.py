@@ -45,20 +45,6 @@ def frobenius(params: list[torch.Tensor]) -> torch.Tensor:
     return sum(p.float().pow(2).sum() for p in params)
 
 
-def optimizer_step(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, ema: list[torch.Tensor] | None,
-                   max_grad_norm: float, decay: float) -> torch.Tensor:
-    """Clip (max_grad_norm <= 0: no clipping, the norm is still measured), step, clear the gradients, and move
-    the EMA copies towards the new weights; returns the gradient norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if ema is not None:
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - decay)
-    return norm
-
-
 def learning_rate(step: int, lr: float, max_steps: int, warmup_steps: int = 0, min_lr: float = 0.0) -> float:
     """Linear warm-up to `lr` over `warmup_steps`, then cosine down to `min_lr` at `max_steps`."""
     if step < warmup_steps:

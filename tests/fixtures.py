@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 REFERENCE = Path(os.environ.get("MINI_SUPIR_REFERENCE", Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"))
+IMAGES = REFERENCE.parent / "images"  # the shared real photos beside the fixtures
 
 
 class Fixture:

@@ -17,6 +17,7 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from fixtures import IMAGES  # noqa: E402
 from mini_supir import app, stage1  # noqa: E402
 
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -27,10 +28,9 @@ if stage1.ncnn_package_dir() is None:
 
 
 def shared_photo() -> Path:
-    root = os.environ.get("MINI_SUPIR_REFERENCE")
-    photo = Path(root).parent / "images" / "astronaut.png" if root else Path("/nonexistent")
+    photo = IMAGES / "astronaut.png"
     if not photo.exists():
-        pytest.skip("shared/images/astronaut.png is not here (set MINI_SUPIR_REFERENCE)")
+        pytest.skip(f"{photo} is not here (set MINI_SUPIR_REFERENCE)")
     return photo
 
 
