@@ -43,10 +43,6 @@ from mini_supir.weights import CheckpointError, WeightsError, resolve_all
 OVERRIDES = ("upscale", "min_size", "steps", "cfg", "cfg_start", "control_scale", "control_start", "restore_cfg",
              "s_churn", "s_noise", "eta", "positive", "negative", "color_fix", "num_samples", "tile_vae",
              "vae_tile_size", "tile_size", "tile_stride")
-# Settings a sampler never reads (Restorer.sample): given, they are refused; from the preset, they are
-# recorded at their "off" value, so that a result's metadata never claims what did not happen.
-UNUSED = {"dpmpp2m": {"restore_cfg": 0.0, "s_churn": 0.0, "control_start": None}}
-
 # The detector parameters with their own option (every other one: --mask-param NAME=VALUE).
 MASK_FIELDS = {f.name: f for f in fields(masks.MaskParams)}
 MASK_OPTIONS = [
@@ -179,7 +175,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if supir_only:
             option = {"mode": "quality / --fidelity"}.get(supir_only[0], supir_only[0].replace("_", "-"))
             p.error(f"--{option} is a SUPIR option: it has no effect with --stage1-only")
-    unused = [d for d in UNUSED.get(args.sampler, {}) if given(args, d)]
+    unused = [d for d in presets.unused_settings(args.sampler) if given(args, d)]  # the preset has them off
     if unused:
         p.error(f"--{unused[0].replace('_', '-')} is not used by --sampler {args.sampler}: leave it out")
     args.mode = args.mode or "quality"
@@ -196,7 +192,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def settings_from(args: argparse.Namespace) -> RestoreSettings:
-    settings = replace(presets.preset(args.mode, args.sampler), **UNUSED.get(args.sampler, {}))
+    settings = presets.preset(args.mode, args.sampler)
     return replace(settings, **{name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None})
 
 

@@ -22,6 +22,20 @@ COLOR_FIXES = ("wavelet", "adain", "none")
 UNTILED_MAX_PIXELS = 2048 * 2048
 
 
+# The value a setting holds where the chosen sampler never reads it, so that a result's metadata never claims
+# what did not happen: the sampler options of sampler.SAMPLERS, and the restoration pull and linear control
+# schedule that SUPIR's DPM++ sampler accepts and ignores (sampling.py:L422-L427).
+UNUSED = {"s_churn": 0.0, "s_noise": None, "eta": None, "restore_cfg": 0.0, "control_start": None}
+
+
+def unused_settings(name: str) -> tuple[str, ...]:
+    """The settings sampler `name` never reads (each must hold its UNUSED value)."""
+    entry = sampler.SAMPLERS[name]
+    every = {o for s in sampler.SAMPLERS.values() for o in s.options}
+    restoration = () if entry.restoration else ("restore_cfg", "control_start")
+    return tuple(sorted(every - set(entry.options))) + restoration
+
+
 @dataclass(frozen=True)
 class RestoreSettings:
     """Everything that decides the output besides the image, the seed and the weights.
@@ -41,8 +55,8 @@ class RestoreSettings:
     control_start: float | None = None
     restore_cfg: float = 4.0      # SUPIR_v0.yaml (the demo passes -1: off)
     s_churn: float = 5.0          # SUPIR's demo and test.py (the yaml's 0 is overridden there)
-    s_noise: float = 1.003
-    eta: float = 1.0              # DPM++ SDE noise (dpmpp2m only)
+    s_noise: float | None = 1.003  # churn / SDE noise scale (edm, dpmpp2m)
+    eta: float | None = None      # DPM++ SDE noise (dpmpp2m only)
     prompt: str = ""              # image description (caption), put before `positive`
     positive: str = DEFAULT_POSITIVE
     negative: str = DEFAULT_NEGATIVE
@@ -78,6 +92,9 @@ class RestoreSettings:
             problems.append(f"vae_tile_size must be at least 256 px, not {self.vae_tile_size}")
         if self.tile_stride is not None and (self.tile_size is None or self.tile_stride > self.tile_size):
             problems.append("tile_stride needs tile_size and must not exceed it")
+        if self.sampler in SAMPLERS:
+            problems += [f"{name} is not used by the {self.sampler} sampler (leave it at {UNUSED[name]})"
+                         for name in unused_settings(self.sampler) if getattr(self, name) != UNUSED[name]]
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -107,10 +124,11 @@ class RestoreSettings:
 QUALITY = RestoreSettings()
 FIDELITY = replace(QUALITY, cfg=4.0, cfg_start=1.0)
 # SUPIR_v0_Juggernautv9_lightning.yaml: DPM++ 2M SDE on Karras sigmas, 8 steps, no restoration guidance.
-LIGHTNING = replace(QUALITY, sampler="dpmpp2m", steps=8, cfg=2.0, cfg_start=2.0, s_churn=0.0)
+LIGHTNING = replace(QUALITY, sampler="dpmpp2m", steps=8, cfg=2.0, cfg_start=2.0, s_churn=0.0, restore_cfg=0.0, eta=1.0)
 LIGHTNING_FIDELITY = replace(LIGHTNING, cfg=1.5, cfg_start=1.5)
 # Euler on trailing timesteps for SDXL-Lightning 2/4/8-step checkpoints or LoRAs, distilled without CFG.
-EULER_LIGHTNING = replace(QUALITY, sampler="lightning", steps=4, cfg=1.0, cfg_start=None, restore_cfg=0.0, s_churn=0.0)
+EULER_LIGHTNING = replace(QUALITY, sampler="lightning", steps=4, cfg=1.0, cfg_start=None, restore_cfg=0.0, s_churn=0.0,
+                          s_noise=None)
 
 
 def preset(mode: str = "quality", sampler: str = "edm") -> RestoreSettings:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sample  # noqa: E402
-from mini_supir import images  # noqa: E402
+from mini_supir import images, presets  # noqa: E402
 from mini_supir.images import read_png_info  # noqa: E402
 from test_pipeline import png_header  # noqa: E402
 
@@ -77,6 +78,8 @@ def photos(tmp_path):
     (["--sampler", "dpmpp2m", "--restore-cfg", "2"], "--restore-cfg is not used by --sampler dpmpp2m"),
     (["--sampler", "dpmpp2m", "--s-churn", "0"], "--s-churn is not used by --sampler dpmpp2m"),
     (["--sampler", "dpmpp2m", "--control-start", "0.5"], "--control-start is not used by --sampler dpmpp2m"),
+    (["--eta", "0.5"], "--eta is not used by --sampler edm"),
+    (["--sampler", "lightning", "--s-noise", "1"], "--s-noise is not used by --sampler lightning"),
     (["--mask-param", "window=0", "--repair"], "argument --mask-param: 0 must be >= 3"),
 ])
 def test_sample_option_values_are_refused_up_front(capsys, photos, tmp_path, argv, problem):
@@ -126,6 +129,22 @@ def test_dpmpp2m_metadata_does_not_claim_what_it_ignores(capsys, photos, tmp_pat
     assert sample.main(["--image", str(photos / "a.png"), "--out", str(tmp_path), *TINY, "--sampler", "dpmpp2m"]) == 0
     s = read_png_info(tmp_path / "a.png")["settings"]
     assert (s["sampler"], s["restore_cfg"], s["s_churn"], s["control_start"]) == ("dpmpp2m", 0.0, 0.0, None)
+    assert sample.main(["--image", str(photos / "a.png"), "--out", str(tmp_path / "edm"), *TINY]) == 0
+    s = read_png_info(tmp_path / "edm" / "a.png")["settings"]
+    assert (s["sampler"], s["eta"], s["s_churn"], s["restore_cfg"]) == ("edm", None, 5.0, 4.0)  # no DPM++ eta
+
+
+def test_settings_refuse_what_their_sampler_ignores():
+    """The rule lives in RestoreSettings, so the web page and evaluate.py get it too (derived from sampler.SAMPLERS)."""
+    assert presets.unused_settings("edm") == ("eta",)
+    assert presets.unused_settings("lightning") == ("eta", "s_churn", "s_noise")
+    assert presets.unused_settings("dpmpp2m") == ("s_churn", "restore_cfg", "control_start")
+    for name, settings in [("edm", presets.QUALITY), ("dpmpp2m", presets.LIGHTNING), ("lightning", presets.EULER_LIGHTNING)]:
+        assert presets.preset("quality", name) == settings
+    with pytest.raises(ValueError, match="eta is not used by the edm sampler"):
+        replace(presets.QUALITY, eta=1.0)
+    with pytest.raises(ValueError, match="restore_cfg is not used by the dpmpp2m sampler"):
+        replace(presets.LIGHTNING, restore_cfg=4.0)
 
 
 def test_ctrl_c_is_one_line_and_130(photos, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mini_supir import pipeline, repair, sampler, supir
+from mini_supir import pipeline, presets, repair, sampler, supir
 from mini_supir.pipeline import Restorer
 from mini_supir.presets import RestoreSettings
 
@@ -58,8 +58,8 @@ def test_latent_mask_covers_every_touched_latent():
 SAMPLERS = {  # name: (settings, sigmas the sampler steps to)
     "edm": (replace(FAST, s_churn=0.0), sampler.legacy_ddpm_sigmas(3)),
     "edm-no-control": (replace(FAST, s_churn=0.0, control_scale=0.0), sampler.legacy_ddpm_sigmas(3)),
-    "dpmpp2m": (replace(FAST, sampler="dpmpp2m", eta=0.0), sampler.restore_dpmpp2m_sigmas(3)),
-    "lightning": (replace(FAST, sampler="lightning", cfg=1.0, cfg_start=None), sampler.trailing_sigmas(3)),
+    "dpmpp2m": (replace(presets.LIGHTNING, min_size=0, steps=3, eta=0.0), sampler.restore_dpmpp2m_sigmas(3)),
+    "lightning": (replace(presets.EULER_LIGHTNING, min_size=0, steps=3), sampler.trailing_sigmas(3)),
 }
 
 
@@ -113,7 +113,7 @@ def lora_restorer(style_lora):
 
 @pytest.mark.parametrize("variant", ["edm", "dpmpp2m", "no-control", "lora", "tiled", "grey", "rgba", "min-size"])
 def test_pixels_outside_the_mask_are_byte_identical(restorer, lora_restorer, variant):
-    settings = {"edm": FAST, "dpmpp2m": replace(FAST, sampler="dpmpp2m"), "no-control": replace(FAST, control_scale=0),
+    settings = {"edm": FAST, "dpmpp2m": replace(presets.LIGHTNING, min_size=0, steps=3), "no-control": replace(FAST, control_scale=0),
                 "lora": FAST, "tiled": replace(FAST, tile_size=64), "grey": FAST, "rgba": FAST,
                 "min-size": replace(FAST, min_size=192)}[variant]
     image = photo(mode={"grey": "L", "rgba": "RGBA"}.get(variant, "RGB"))
