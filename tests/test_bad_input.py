@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sample  # noqa: E402
 from mini_supir import images, presets  # noqa: E402
 from mini_supir.images import read_png_info  # noqa: E402
-from test_pipeline import png_header  # noqa: E402
+from fixtures import png_header  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("--model", "tiny", "--min-size", "0", "--steps", "1")

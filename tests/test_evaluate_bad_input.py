@@ -6,11 +6,9 @@ import json
 import math
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from fixtures import png_header  # noqa: E402
 import evaluate  # noqa: E402
 from mini_supir import charts, eval_report  # noqa: E402
 from mini_supir.evaluation import Task  # noqa: E402
@@ -43,13 +42,6 @@ def snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def png_header_only(path: Path, w: int, h: int) -> None:
-    """A valid PNG header announcing w x h RGBA, with one tiny IDAT: a decompression bomb's first bytes."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b""))
-
 
 @pytest.fixture
 def gt(tmp_path):
@@ -60,8 +52,8 @@ def gt(tmp_path):
     Image.open(IMAGES / "coffee.png").crop((200, 100, 264, 164)).save(folder / "coffee.png")
     Image.new("RGB", (64, 64), (120, 130, 140)).save(folder / "flat.png")
     (folder / "broken.png").write_bytes((IMAGES / "motorcycle_left.png").read_bytes()[:3000])
-    png_header_only(folder / "bomb.png", 32000, 32000)      # under PIL's own guard, over ours
-    png_header_only(folder / "bomb2.png", 50000, 50000)     # PIL's DecompressionBombError
+    png_header(folder / "bomb.png", 32000, 32000, colour_type=6)      # under PIL's own guard, over ours
+    png_header(folder / "bomb2.png", 50000, 50000, colour_type=6)     # PIL's DecompressionBombError
     ramp = (np.add.outer(np.arange(64), np.arange(64)) * 500).astype(np.uint16)
     Image.fromarray(ramp).save(folder / "grey16.png")
     return folder

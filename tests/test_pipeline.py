@@ -1,7 +1,5 @@
 """The restoration pipeline end to end on a tiny random SUPIR (restores nothing; checks the plumbing)."""
-import struct
 import sys
-import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fixtures import png_header
 from mini_supir import pipeline, presets, supir, text
 from mini_supir.images import ImageError
 from mini_supir.pipeline import RestoreError, Restorer
@@ -194,14 +193,6 @@ def test_fp16_vae_is_refused(restorer):
     with pytest.raises(ValueError, match="bf16 or fp32"):
         Restorer(restorer.model, device="cpu", vae_dtype="fp16")
 
-
-def png_header(path, w, h):
-    """A PNG that claims w x h pixels but holds almost no data: only a header-first size check survives it."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
-    return path
 
 
 def test_open_image_refuses_bad_files(tmp_path):

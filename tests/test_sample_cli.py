@@ -102,7 +102,7 @@ def test_skip_existing_unless_overwrite_and_compare(capsys, weights, images, tmp
 
 
 def test_bad_inputs_fail_alone(capsys, weights, images, tmp_path):
-    from test_pipeline import png_header
+    from fixtures import png_header
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "text.png").write_text("hello")

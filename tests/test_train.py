@@ -89,7 +89,7 @@ def test_bad_images_are_skipped_with_a_warning(tmp_path, capsys):
     for p in PHOTOS[:2]:
         shutil.copy(p, data / p.name)
     (data / "broken.png").write_bytes(b"not a png at all")
-    from test_pipeline import png_header
+    from fixtures import png_header
     png_header(data / "bomb.png", 30000, 30000)  # refused from its header, never decoded
     # a JPEG cut short passes the cheap scan (its header is fine) and fails when decoded
     (data / "cut.jpg").write_bytes((IMAGES / "rocket.jpg").read_bytes()[:3000])

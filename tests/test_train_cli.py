@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from mini_supir import train_data  # noqa: E402
-from test_pipeline import png_header  # noqa: E402  (a decompression bomb's header)
+from fixtures import png_header  # noqa: E402
 
 IMAGES = ROOT.parent / "shared" / "images"
 
